@@ -1,0 +1,277 @@
+//! TLS for both contracts, on rustls with the `ring` provider.
+//!
+//! - [`server_config`]: the aggregator's mTLS server (a client certificate signed by the
+//!   configured CA bundle is required) and the analysis emulator's plain TLS server.
+//! - [`serve_incoming`]: accepts TCP, handshakes concurrently (a slow or failing peer never
+//!   blocks the others) and yields TLS streams for tonic's `serve_with_incoming_shutdown`.
+//! - [`connect_lazy`]: the aggregator's client channel to the analysis service, verifying that
+//!   the server certificate carries a DNS-name SAN equal to the configured host.
+//!
+//! PEM is parsed with `rustls-pki-types` (`rustls-pemfile` is unmaintained). Everything is done
+//! here rather than through tonic's TLS feature so errors name the file and the reason, and so
+//! the acceptor is ours to extend (certificate reload).
+
+use std::{
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use rustls::{
+    server::WebPkiClientVerifier, ClientConfig, RootCertStore, ServerConfig,
+};
+use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_rustls::{server::TlsStream, TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{server::Connected, Channel, Endpoint};
+
+/// What can go wrong setting TLS up, each with what a user needs to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read certificates from {path}: {source}")]
+    Certificates { path: PathBuf, source: rustls_pki_types::pem::Error },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificates { path: PathBuf },
+    #[error("cannot read a private key from {path}: {source}")]
+    PrivateKey { path: PathBuf, source: rustls_pki_types::pem::Error },
+    #[error("a CA certificate in {path} is not usable: {source}")]
+    BadCa { path: PathBuf, source: rustls::Error },
+    #[error("the certificate chain in {cert} does not fit the key in {key}: {source}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf, source: rustls::Error },
+    #[error("cannot build a client-certificate verifier from {path}: {source}")]
+    Verifier { path: PathBuf, source: rustls::server::VerifierBuilderError },
+    #[error("{host:?} is not a DNS name; the analysis service's certificate is checked for a DNS-name SAN equal to this host")]
+    NotADnsName { host: String },
+    #[error("invalid endpoint {uri}: {source}")]
+    Endpoint { uri: String, source: tonic::transport::Error },
+}
+
+/// The files of one TLS identity: a PEM certificate chain (leaf first) and its PEM private key.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub cert_chain: PathBuf,
+    pub private_key: PathBuf,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate of a PEM file.
+///
+/// # Errors
+/// When the file cannot be read, holds malformed PEM, or holds no certificate.
+pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| TlsError::Certificates { path: path.to_owned(), source })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificates { path: path.to_owned() });
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::PrivateKey { path: path.to_owned(), source })
+}
+
+/// A root store holding every certificate of a PEM bundle.
+///
+/// # Errors
+/// As [`load_certificates`], or when a certificate is not a usable trust anchor.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certificates(path)? {
+        roots.add(cert).map_err(|source| TlsError::BadCa { path: path.to_owned(), source })?;
+    }
+    Ok(roots)
+}
+
+/// A server config offering HTTP/2 (gRPC). With `client_ca`, every client must present a
+/// certificate that chains to one of its certificates (mTLS); without it, none is asked for.
+///
+/// # Errors
+/// When a file is unreadable or malformed, or the key does not match the certificate.
+pub fn server_config(identity: &Identity, client_ca: Option<&Path>) -> Result<ServerConfig, TlsError> {
+    let certs = load_certificates(&identity.cert_chain)?;
+    let key = load_key(&identity.private_key)?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::KeyMismatch {
+            cert: identity.cert_chain.clone(),
+            key: identity.private_key.clone(),
+            source,
+        })?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider())
+                .build()
+                .map_err(|source| TlsError::Verifier { path: ca.to_owned(), source })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, key).map_err(|source| TlsError::KeyMismatch {
+        cert: identity.cert_chain.clone(),
+        key: identity.private_key.clone(),
+        source,
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// A TLS connection accepted by [`serve_incoming`], usable by tonic.
+pub struct TlsConnection(TlsStream<TcpStream>);
+
+/// What a service learns about the peer of a [`TlsConnection`].
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote_addr: Option<SocketAddr>,
+    /// Subject of the client certificate's leaf, DER-encoded (present on mTLS servers).
+    pub client_certificate: Option<Vec<u8>>,
+}
+
+impl Connected for TlsConnection {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        let (tcp, session) = self.0.get_ref();
+        PeerInfo {
+            remote_addr: tcp.peer_addr().ok(),
+            client_certificate: session.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()),
+        }
+    }
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+/// How long a peer may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshaken connections waiting for tonic to pick them up.
+const ACCEPTED_BACKLOG: usize = 64;
+
+/// Accepts connections on `listener` until `shutdown`, handshaking each in its own task.
+/// Failed handshakes (no client certificate, an unknown CA, plain TCP) are logged with the
+/// peer address and dropped; they never reach the service.
+pub fn serve_incoming(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConnection>> {
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let (tx, rx) = mpsc::channel(ACCEPTED_BACKLOG);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tx.closed() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // EMFILE and friends: back off rather than spin.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(TlsConnection(tls))).await;
+                    }
+                    Ok(Err(err)) => tracing::warn!(%peer, error = %err, "TLS handshake refused"),
+                    Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A client config that trusts `ca` and offers HTTP/2.
+///
+/// # Errors
+/// As [`load_roots`].
+pub fn client_config(ca: &Path) -> Result<ClientConfig, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::BadCa { path: ca.to_owned(), source })?
+        .with_root_certificates(load_roots(ca)?)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// A gRPC channel to `host:port` over TLS that connects on first use and reconnects after
+/// failures. The server certificate must chain to the configured CA and carry a DNS-name SAN
+/// equal to `host` (rustls never falls back to the subject CN).
+///
+/// # Errors
+/// When `host` is not a DNS name.
+pub fn connect_lazy(host: &str, port: u16, config: ClientConfig, connect_timeout: Duration) -> Result<Channel, TlsError> {
+    let server_name = match ServerName::try_from(host.to_owned()) {
+        Ok(name @ ServerName::DnsName(_)) => name,
+        _ => return Err(TlsError::NotADnsName { host: host.to_owned() }),
+    };
+    // The URI only names the authority; TLS is ours, so tonic sees plain `http`.
+    let uri = format!("http://{host}:{port}");
+    let endpoint = Endpoint::from_shared(uri.clone())
+        .map_err(|source| TlsError::Endpoint { uri, source })?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true);
+    let connector = TlsConnector::from(Arc::new(config));
+    let address = (host.to_owned(), port);
+    let connect = tower::service_fn(move |_uri| {
+        let connector = connector.clone();
+        let server_name = server_name.clone();
+        let address = address.clone();
+        async move {
+            let tcp = TcpStream::connect(address).await?;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(server_name, tcp).await?;
+            Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(connect))
+}
