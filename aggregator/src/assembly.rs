@@ -1,0 +1,271 @@
+//! Transaction assembly: frames of one filter stream in, finished transactions out.
+//!
+//! Frames arrive in the order the filter saw them; a transaction is open from its start frame
+//! to its end frame. The assembler is bounded (open transactions per stream, bytes per
+//! transaction) so a broken or hostile filter cannot grow the aggregator without limit, and
+//! everything it refuses is reported as a typed error for the caller to count.
+
+use std::collections::HashMap;
+
+use packet_inspector_proto::capture::{
+    frame::Kind, BodyChunk, Direction, EndReason, Frame, Header, Headers, TransactionMetadata,
+};
+
+/// One direction of an HTTP exchange, with the times each part was seen.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HttpMessage {
+    pub headers: Vec<Header>,
+    pub headers_ns: u64,
+    /// Captured body chunks with the time each was seen.
+    pub body: Vec<(u64, Vec<u8>)>,
+    /// Bytes that crossed the proxy but were not captured (body limit).
+    pub truncated_bytes: u64,
+    pub trailers: Vec<Header>,
+    pub trailers_ns: u64,
+}
+
+impl HttpMessage {
+    pub fn body_len(&self) -> usize {
+        self.body.iter().map(|(_, chunk)| chunk.len()).sum()
+    }
+
+    pub fn header(&self, name: &[u8]) -> Option<&[u8]> {
+        self.headers.iter().find(|h| h.name == name).map(|h| h.value.as_slice())
+    }
+}
+
+/// A finished HTTP transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transaction {
+    pub metadata: TransactionMetadata,
+    pub request: HttpMessage,
+    /// `None` when no response headers were seen.
+    pub response: Option<HttpMessage>,
+    pub end_ns: u64,
+    pub end_reason: EndReason,
+}
+
+/// Why a frame was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AssemblyError {
+    #[error("frame for transaction {0} which was never started (its start was lost)")]
+    Orphan(u64),
+    #[error("transaction {0} started twice")]
+    DuplicateStart(u64),
+    #[error("too many open transactions ({0}); transaction {1} refused")]
+    TooManyOpen(usize, u64),
+    #[error("transaction {0} exceeded {1} bytes and was discarded")]
+    TooLarge(u64, usize),
+    #[error("frame for transaction {0} has no kind or an unknown one")]
+    Empty(u64),
+}
+
+impl AssemblyError {
+    /// A bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Orphan(_) => "orphan",
+            Self::DuplicateStart(_) => "duplicate_start",
+            Self::TooManyOpen(..) => "too_many_open",
+            Self::TooLarge(..) => "too_large",
+            Self::Empty(_) => "empty",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Open {
+    transaction: Transaction,
+    bytes: usize,
+}
+
+/// Limits of one stream's assembler.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_open_transactions: usize,
+    pub max_transaction_bytes: usize,
+}
+
+#[derive(Debug)]
+pub struct Assembler {
+    open: HashMap<u64, Open>,
+    limits: Limits,
+}
+
+impl Assembler {
+    pub fn new(limits: Limits) -> Self {
+        Self { open: HashMap::new(), limits }
+    }
+
+    pub fn open_transactions(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Takes one frame; returns the transaction it finished, if any.
+    ///
+    /// # Errors
+    /// [`AssemblyError`] for a frame that cannot be placed; the stream goes on.
+    pub fn accept(&mut self, frame: Frame) -> Result<Option<Transaction>, AssemblyError> {
+        let id = frame.transaction_id;
+        let at = frame.timestamp_ns;
+        let kind = frame.kind.ok_or(AssemblyError::Empty(id))?;
+        if !self.open.contains_key(&id) {
+            return match kind {
+                Kind::Start(start) => self.start(id, at, start.metadata.unwrap_or_default()),
+                _ => Err(AssemblyError::Orphan(id)),
+            };
+        }
+        let open = self.open.get_mut(&id).ok_or(AssemblyError::Orphan(id))?;
+        open.transaction.end_ns = open.transaction.end_ns.max(at);
+        match kind {
+            Kind::Start(_) => return Err(AssemblyError::DuplicateStart(id)),
+            Kind::Headers(Headers { direction, headers, .. }) => {
+                open.bytes += header_bytes(&headers);
+                let message = open.message(direction);
+                message.headers = headers;
+                message.headers_ns = at;
+            }
+            Kind::Body(BodyChunk { direction, data, truncated_bytes, .. }) => {
+                open.bytes += data.len();
+                let message = open.message(direction);
+                message.truncated_bytes += truncated_bytes;
+                if !data.is_empty() {
+                    message.body.push((at, data));
+                }
+            }
+            Kind::Trailers(Headers { direction, headers, .. }) => {
+                open.bytes += header_bytes(&headers);
+                let message = open.message(direction);
+                message.trailers = headers;
+                message.trailers_ns = at;
+            }
+            Kind::End(end) => {
+                let mut open = self.open.remove(&id).ok_or(AssemblyError::Orphan(id))?;
+                open.transaction.end_reason = end.reason();
+                if let Some(upstream) = end.upstream {
+                    open.transaction.metadata.upstream = Some(upstream);
+                }
+                return Ok(Some(open.transaction));
+            }
+        }
+        if open.bytes > self.limits.max_transaction_bytes {
+            self.open.remove(&id);
+            return Err(AssemblyError::TooLarge(id, self.limits.max_transaction_bytes));
+        }
+        Ok(None)
+    }
+
+    fn start(&mut self, id: u64, at: u64, mut metadata: TransactionMetadata) -> Result<Option<Transaction>, AssemblyError> {
+        if self.open.len() >= self.limits.max_open_transactions {
+            return Err(AssemblyError::TooManyOpen(self.open.len(), id));
+        }
+        if metadata.start_time_ns == 0 {
+            metadata.start_time_ns = at;
+        }
+        let transaction = Transaction {
+            metadata,
+            request: HttpMessage::default(),
+            response: None,
+            end_ns: at,
+            end_reason: EndReason::Unspecified,
+        };
+        self.open.insert(id, Open { transaction, bytes: 0 });
+        Ok(None)
+    }
+
+    /// The stream ended: every open transaction is finished as aborted, so what was seen is
+    /// still delivered (flagged) rather than lost.
+    pub fn drain(&mut self) -> Vec<Transaction> {
+        self.open
+            .drain()
+            .map(|(_, open)| Transaction { end_reason: EndReason::Aborted, ..open.transaction })
+            .collect()
+    }
+}
+
+fn header_bytes(headers: &[Header]) -> usize {
+    headers.iter().map(|h| h.name.len() + h.value.len()).sum()
+}
+
+impl Open {
+    fn message(&mut self, direction: i32) -> &mut HttpMessage {
+        if direction == Direction::Response as i32 {
+            self.transaction.response.get_or_insert_with(HttpMessage::default)
+        } else {
+            &mut self.transaction.request
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use packet_inspector_proto::capture::{SocketAddress, TransactionEnd, TransactionStart};
+
+    const LIMITS: Limits = Limits { max_open_transactions: 2, max_transaction_bytes: 100 };
+
+    fn frame(id: u64, at: u64, kind: Kind) -> Frame {
+        Frame { transaction_id: id, timestamp_ns: at, kind: Some(kind) }
+    }
+
+    fn start(id: u64) -> Frame {
+        frame(id, 1, Kind::Start(TransactionStart { metadata: Some(TransactionMetadata { request_id: format!("r{id}"), ..Default::default() }) }))
+    }
+
+    fn headers(id: u64, direction: Direction, name: &str) -> Frame {
+        let headers = vec![Header { name: name.into(), value: b"v".to_vec() }];
+        frame(id, 2, Kind::Headers(Headers { direction: direction as i32, headers, end_of_stream: false }))
+    }
+
+    fn body(id: u64, direction: Direction, data: &[u8], truncated: u64) -> Frame {
+        frame(id, 3, Kind::Body(BodyChunk { direction: direction as i32, data: data.to_vec(), truncated_bytes: truncated, end_of_stream: false }))
+    }
+
+    fn end(id: u64) -> Frame {
+        let upstream = Some(SocketAddress { ip: "10.0.0.9".into(), port: 9080 });
+        frame(id, 9, Kind::End(TransactionEnd { reason: EndReason::Complete as i32, upstream }))
+    }
+
+    #[test]
+    fn interleaved_transactions_assemble_separately() {
+        let mut assembler = Assembler::new(LIMITS);
+        for f in [start(1), start(2), headers(1, Direction::Request, "a"), headers(2, Direction::Request, "b"),
+                  body(1, Direction::Request, b"xy", 0), body(1, Direction::Request, b"z", 5),
+                  headers(1, Direction::Response, "c")] {
+            assert_eq!(assembler.accept(f).unwrap(), None);
+        }
+        let done = assembler.accept(end(1)).unwrap().unwrap();
+        assert_eq!(done.metadata.request_id, "r1");
+        assert_eq!(done.request.body, vec![(3, b"xy".to_vec()), (3, b"z".to_vec())]);
+        assert_eq!(done.request.truncated_bytes, 5);
+        assert_eq!(done.response.unwrap().headers[0].name, b"c");
+        assert_eq!(done.end_reason, EndReason::Complete);
+        assert_eq!(done.metadata.upstream.unwrap().port, 9080);
+        assert_eq!(done.end_ns, 9);
+        assert_eq!(assembler.open_transactions(), 1);
+    }
+
+    #[test]
+    fn refusals_are_typed() {
+        let mut assembler = Assembler::new(LIMITS);
+        assert_eq!(assembler.accept(headers(5, Direction::Request, "a")), Err(AssemblyError::Orphan(5)));
+        assembler.accept(start(1)).unwrap();
+        assert_eq!(assembler.accept(start(1)), Err(AssemblyError::DuplicateStart(1)));
+        assembler.accept(start(2)).unwrap();
+        assert_eq!(assembler.accept(start(3)), Err(AssemblyError::TooManyOpen(2, 3)));
+        assert_eq!(assembler.accept(body(1, Direction::Request, &[0; 101], 0)), Err(AssemblyError::TooLarge(1, 100)));
+        assert_eq!(assembler.accept(end(1)), Err(AssemblyError::Orphan(1)), "a discarded transaction is gone");
+        assert_eq!(assembler.accept(Frame { transaction_id: 2, timestamp_ns: 0, kind: None }), Err(AssemblyError::Empty(2)));
+    }
+
+    #[test]
+    fn drain_finishes_open_transactions_as_aborted() {
+        let mut assembler = Assembler::new(LIMITS);
+        assembler.accept(start(1)).unwrap();
+        assembler.accept(headers(1, Direction::Request, "a")).unwrap();
+        let drained = assembler.drain();
+        assert_eq!(drained.len(), 1);
+        assert_eq!(drained[0].end_reason, EndReason::Aborted);
+        assert_eq!(assembler.open_transactions(), 0);
+    }
+}

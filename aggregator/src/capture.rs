@@ -1,0 +1,80 @@
+//! A finished transaction becomes an [`analysis::Capture`]: the raw exchange, the metadata,
+//! and the pcap records of its synthesized TCP conversation.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use packet_inspector_proto::{
+    analysis::{self, Capture, HttpExchange},
+    capture::{Protocol, SocketAddress},
+    pcap::LINKTYPE_ETHERNET,
+};
+
+use crate::{
+    assembly::{HttpMessage, Transaction},
+    http1,
+    tcp::{self, BuildError, Side},
+};
+
+/// Why a transaction could not become a capture.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("protocol {0:?} is not synthesized yet")]
+    Unsupported(Protocol),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+}
+
+/// Stand-ins when the proxy reported no address (documentation range, RFC 5737).
+const UNKNOWN_CLIENT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 49152);
+const UNKNOWN_SERVER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)), 80);
+
+fn socket_addr(address: Option<&SocketAddress>) -> Option<SocketAddr> {
+    let address = address?;
+    Some(SocketAddr::new(address.ip.parse().ok()?, u16::try_from(address.port).ok()?))
+}
+
+fn http_message(message: &HttpMessage) -> analysis::HttpMessage {
+    analysis::HttpMessage {
+        headers: message.headers.clone(),
+        body: message.body.iter().flat_map(|(_, chunk)| chunk.iter().copied()).collect(),
+        trailers: message.trailers.clone(),
+        body_truncated: message.truncated_bytes > 0,
+        body_size: message.body_len() as u64 + message.truncated_bytes,
+    }
+}
+
+/// Builds the capture, with the conversation between the downstream peer and the address it
+/// connected to (what a tcpdump on the pod would have shown, decrypted).
+///
+/// # Errors
+/// [`CaptureError`] for protocols not synthesized yet, or a packet that cannot be built.
+pub fn build(transaction: Transaction, node: &str) -> Result<Capture, CaptureError> {
+    let mut metadata = transaction.metadata;
+    match metadata.protocol() {
+        Protocol::Http1 | Protocol::Unspecified => {}
+        other => return Err(CaptureError::Unsupported(other)),
+    }
+    if metadata.node.is_empty() {
+        metadata.node = node.to_owned();
+    }
+    let client = socket_addr(metadata.downstream_remote.as_ref()).unwrap_or(UNKNOWN_CLIENT);
+    let server = socket_addr(metadata.downstream_local.as_ref()).unwrap_or(UNKNOWN_SERVER);
+    let mut pieces: Vec<(Side, http1::Piece)> =
+        http1::request(&transaction.request).into_iter().map(|p| (Side::Client, p)).collect();
+    if let Some(response) = &transaction.response {
+        pieces.extend(http1::response(response).into_iter().map(|p| (Side::Server, p)));
+    }
+    let open_ns = metadata.start_time_ns;
+    let records = tcp::conversation(client, server, pieces, open_ns, transaction.end_ns, open_ns ^ metadata.connection_id)?;
+    Ok(Capture {
+        http: Some(HttpExchange {
+            request: Some(http_message(&transaction.request)),
+            response: transaction.response.as_ref().map(http_message),
+        }),
+        metadata: Some(metadata),
+        link_type: LINKTYPE_ETHERNET,
+        records,
+        end_time_ns: transaction.end_ns,
+        end_reason: transaction.end_reason as i32,
+    })
+}

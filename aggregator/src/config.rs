@@ -1,0 +1,132 @@
+//! Command-line flags (each also read from the environment) and their validation.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::Parser;
+
+/// Per-node daemon of Packet Inspector: receives frames from the capture filters over mTLS gRPC,
+/// synthesizes a pcap capture per transaction and forwards it to the analysis service over TLS.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "packet-inspector-aggregator", version)]
+pub struct Args {
+    /// Address the mTLS gRPC server for filters listens on.
+    #[arg(long, env = "PI_LISTEN", default_value = "0.0.0.0:15500")]
+    pub listen: String,
+    /// Address of the plain-HTTP admin endpoint (/metrics, /healthz); empty disables it.
+    #[arg(long, env = "PI_ADMIN_LISTEN", default_value = "0.0.0.0:15501")]
+    pub admin_listen: String,
+    /// PEM certificate chain the server presents to filters (leaf first).
+    #[arg(long, env = "PI_TLS_CERT", default_value = "/etc/packet-inspector/certs/cert-chain.pem")]
+    pub tls_cert: PathBuf,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "PI_TLS_KEY", default_value = "/etc/packet-inspector/certs/key.pem")]
+    pub tls_key: PathBuf,
+    /// PEM CA bundle filter client certificates must chain to (mTLS is always required).
+    #[arg(long, env = "PI_CLIENT_CA", default_value = "/etc/packet-inspector/certs/root-cert.pem")]
+    pub client_ca: PathBuf,
+    /// The analysis service, host:port; its certificate must carry a DNS-name SAN equal to host.
+    #[arg(
+        long,
+        env = "PI_ANALYSIS_ADDRESS",
+        default_value = "packet-inspector-1-analysis-emulator.analysis-emulator.svc.cluster.local:21000"
+    )]
+    pub analysis_address: String,
+    /// PEM CA bundle the analysis service's certificate must chain to.
+    #[arg(long, env = "PI_ANALYSIS_CA", default_value = "/etc/packet-inspector/certs/root-cert.pem")]
+    pub analysis_ca: PathBuf,
+    /// Name of the node this aggregator runs on (for captures whose proxy did not report it).
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node_name: String,
+    /// Captures waiting for the analysis service; beyond this they are dropped and counted.
+    #[arg(long, env = "PI_FORWARD_QUEUE", default_value_t = 1024)]
+    pub forward_queue: usize,
+    /// Concurrent Submit calls to the analysis service.
+    #[arg(long, env = "PI_FORWARD_CONCURRENCY", default_value_t = 8)]
+    pub forward_concurrency: usize,
+    /// Open transactions per filter stream; more are refused and counted.
+    #[arg(long, env = "PI_MAX_OPEN_TRANSACTIONS", default_value_t = 4096)]
+    pub max_open_transactions: usize,
+    /// Bytes one transaction may hold (headers and captured bodies).
+    #[arg(long, env = "PI_MAX_TRANSACTION_BYTES", default_value_t = 40 * 1024 * 1024)]
+    pub max_transaction_bytes: usize,
+    /// Seconds a SIGTERM/SIGINT shutdown may take to deliver what was accepted.
+    #[arg(long, env = "PI_SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
+    pub shutdown_grace_seconds: u64,
+}
+
+/// A flag with a value the aggregator cannot use.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --{flag} {value:?}: {reason}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+/// `host:port` split, with the port checked.
+pub fn host_port(flag: &'static str, value: &str) -> Result<(String, u16), ConfigError> {
+    let error = |reason: &str| ConfigError { flag, value: value.to_owned(), reason: reason.to_owned() };
+    let (host, port) = value.rsplit_once(':').ok_or_else(|| error("expected host:port"))?;
+    let port: u16 = port.parse().map_err(|_| error("the port is not a number from 1 to 65535"))?;
+    if port == 0 {
+        return Err(error("the port is not a number from 1 to 65535"));
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(error("the host is empty"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+impl Args {
+    /// Checks what clap cannot.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the flag.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        host_port("analysis-address", &self.analysis_address)?;
+        let positive = |flag, value: usize| {
+            if value == 0 {
+                Err(ConfigError { flag, value: "0".into(), reason: "must be at least 1".into() })
+            } else {
+                Ok(())
+            }
+        };
+        positive("forward-queue", self.forward_queue)?;
+        positive("forward-concurrency", self.forward_concurrency)?;
+        positive("max-open-transactions", self.max_open_transactions)?;
+        positive("max-transaction-bytes", self.max_transaction_bytes)?;
+        Ok(())
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_seconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_accepts_names_and_ipv6() {
+        assert_eq!(host_port("f", "analysis.local:21000").unwrap(), ("analysis.local".into(), 21000));
+        assert_eq!(host_port("f", "[::1]:80").unwrap(), ("::1".into(), 80));
+    }
+
+    #[test]
+    fn host_port_errors_name_the_flag() {
+        for bad in ["nohost", "h:0", "h:99999", ":80", "h:x"] {
+            let err = host_port("analysis-address", bad).unwrap_err();
+            assert!(err.to_string().starts_with("invalid --analysis-address"), "{err}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_zero_limits_are_not() {
+        let args = Args::parse_from(["aggregator"]);
+        args.validate().unwrap();
+        let args = Args::parse_from(["aggregator", "--forward-queue", "0"]);
+        assert_eq!(args.validate().unwrap_err().flag, "forward-queue");
+    }
+}

@@ -1,0 +1,59 @@
+//! The aggregator's counters and gauges, served in the Prometheus text format by [`crate::admin`].
+//! Names follow `packet_inspector_aggregator_<name>_<unit>_total`; label values are bounded.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+macro_rules! metrics {
+    ($( $(#[doc = $help:literal])* $field:ident: $kind:literal, )*) => {
+        #[derive(Debug, Default)]
+        pub struct Metrics {
+            $( $(#[doc = $help])* pub $field: AtomicU64, )*
+        }
+
+        impl Metrics {
+            /// The Prometheus exposition text.
+            pub fn render(&self) -> String {
+                let mut out = String::new();
+                $(
+                    let name = concat!("packet_inspector_aggregator_", stringify!($field));
+                    let help = concat!($($help),*).trim();
+                    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {}\n{name} {}\n", $kind, self.$field.load(Relaxed)));
+                )*
+                out
+            }
+        }
+    };
+}
+
+metrics! {
+    /// Filter streams currently open.
+    streams_open: "gauge",
+    /// Filter streams accepted since start.
+    streams_total: "counter",
+    /// Frame batches received from filters.
+    batches_received_total: "counter",
+    /// Frames received from filters.
+    frames_received_total: "counter",
+    /// Frames refused by transaction assembly (orphans, duplicates, limits).
+    frames_rejected_total: "counter",
+    /// Captures the filters reported dropping before they reached the aggregator.
+    filter_captures_dropped_total: "counter",
+    /// Transactions assembled into captures.
+    captures_built_total: "counter",
+    /// Transactions that could not become a capture (unsupported protocol, build error).
+    captures_unbuildable_total: "counter",
+    /// Captures dropped because the forwarding queue was full.
+    captures_queue_full_total: "counter",
+    /// Captures stored by the analysis service.
+    captures_forwarded_total: "counter",
+    /// Captures given up after retries (analysis service unreachable, TLS refused, rejected).
+    captures_forward_failed_total: "counter",
+    /// Captured payload bytes forwarded.
+    forwarded_payload_bytes_total: "counter",
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+}

@@ -1,0 +1,128 @@
+//! The `CaptureService` gRPC server: one task per filter stream assembles its frames, turns
+//! finished transactions into captures and acknowledges each batch once its frames are taken.
+//!
+//! On shutdown each stream stops reading, finishes its open transactions as aborted (so what
+//! was acknowledged is delivered) and ends the call; the filter then reconnects elsewhere.
+
+use std::sync::Arc;
+
+use packet_inspector_proto::{
+    capture::{capture_service_server::CaptureService, BatchAck, FrameBatch},
+    tls::PeerInfo,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    assembly::{Assembler, Limits, Transaction},
+    capture,
+    forwarder::Forwarder,
+    metrics::Metrics,
+};
+
+pub struct CaptureServer {
+    pub forwarder: Forwarder,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    /// The node this aggregator runs on, for captures whose proxy did not say.
+    pub node: String,
+    pub shutdown: CancellationToken,
+}
+
+/// Acks waiting to be written to one filter; the filter's own window keeps this small.
+const ACK_BACKLOG: usize = 64;
+
+struct StreamTask {
+    forwarder: Forwarder,
+    metrics: Arc<Metrics>,
+    node: String,
+    peer: String,
+}
+
+impl StreamTask {
+    fn finish(&self, transaction: Transaction) {
+        match capture::build(transaction, &self.node) {
+            Ok(capture) => {
+                Metrics::add(&self.metrics.captures_built_total, 1);
+                self.forwarder.submit(capture);
+            }
+            Err(err) => {
+                Metrics::add(&self.metrics.captures_unbuildable_total, 1);
+                tracing::warn!(peer = %self.peer, error = %err, "transaction not captured");
+            }
+        }
+    }
+
+    fn batch(&self, assembler: &mut Assembler, batch: FrameBatch) {
+        Metrics::add(&self.metrics.batches_received_total, 1);
+        Metrics::add(&self.metrics.frames_received_total, batch.frames.len() as u64);
+        Metrics::add(&self.metrics.filter_captures_dropped_total, batch.captures_dropped);
+        for frame in batch.frames {
+            match assembler.accept(frame) {
+                Ok(Some(transaction)) => self.finish(transaction),
+                Ok(None) => {}
+                Err(err) => {
+                    Metrics::add(&self.metrics.frames_rejected_total, 1);
+                    tracing::debug!(peer = %self.peer, reason = err.kind(), error = %err, "frame rejected");
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl CaptureService for CaptureServer {
+    type StreamFramesStream = ReceiverStream<Result<BatchAck, Status>>;
+
+    async fn stream_frames(
+        &self,
+        request: Request<Streaming<FrameBatch>>,
+    ) -> Result<Response<Self::StreamFramesStream>, Status> {
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|info| info.remote_addr)
+            .map_or_else(|| "unknown".to_owned(), |addr| addr.to_string());
+        let mut inbound = request.into_inner();
+        let (acks, rx) = mpsc::channel(ACK_BACKLOG);
+        let task = StreamTask { forwarder: self.forwarder.clone(), metrics: self.metrics.clone(), node: self.node.clone(), peer };
+        let (limits, shutdown) = (self.limits, self.shutdown.clone());
+        tracing::info!(peer = %task.peer, "filter stream opened");
+        Metrics::add(&task.metrics.streams_total, 1);
+        Metrics::add(&task.metrics.streams_open, 1);
+        tokio::spawn(async move {
+            let mut assembler = Assembler::new(limits);
+            loop {
+                let message = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    message = inbound.message() => message,
+                };
+                match message {
+                    Ok(Some(batch)) => {
+                        let sequence = batch.sequence;
+                        task.batch(&mut assembler, batch);
+                        if acks.send(Ok(BatchAck { sequence })).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::info!(peer = %task.peer, error = %status, "filter stream broken");
+                        break;
+                    }
+                }
+            }
+            let open = assembler.drain();
+            if !open.is_empty() {
+                tracing::info!(peer = %task.peer, transactions = open.len(), "stream ended with open transactions; delivering them as aborted");
+            }
+            open.into_iter().for_each(|transaction| task.finish(transaction));
+            task.metrics.streams_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(peer = %task.peer, "filter stream closed");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

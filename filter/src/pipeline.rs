@@ -1,0 +1,440 @@
+//! The per-VM capture pipeline: the gRPC stream's state machine (connect, ready, acks, close,
+//! backoff), the outbox, and the accounting of dropped captures.
+//!
+//! It talks to Envoy only through [`Host`], so the whole policy is tested natively with a mock;
+//! the wasm module implements [`Host`] over the proxy-wasm ABI. Nothing here can block or fail
+//! traffic: every outcome for the HTTP side is "recorded" or "dropped and counted".
+
+use packet_inspector_proto::capture::{frame::Kind, BatchAck, Frame};
+use prost::Message;
+
+use crate::{config::Config, outbox::Outbox};
+
+/// The gRPC method the filter calls on the aggregator.
+pub const SERVICE: &str = "packetinspector.capture.v1.CaptureService";
+pub const METHOD: &str = "StreamFrames";
+
+/// Counters the pipeline reports; the wasm module maps them to Envoy stats
+/// (`wasmcustom.packet_inspector.<name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    CapturesStarted,
+    /// Captures lost in whole or in part (stream down, buffer full, batch lost with a stream).
+    CapturesDropped,
+    FramesDropped,
+    BatchesSent,
+    BatchesAcked,
+    BatchesLost,
+    StreamsOpened,
+    StreamsReady,
+    StreamsClosed,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 9] = [
+        Counter::CapturesStarted,
+        Counter::CapturesDropped,
+        Counter::FramesDropped,
+        Counter::BatchesSent,
+        Counter::BatchesAcked,
+        Counter::BatchesLost,
+        Counter::StreamsOpened,
+        Counter::StreamsReady,
+        Counter::StreamsClosed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::CapturesStarted => "packet_inspector.captures_started",
+            Counter::CapturesDropped => "packet_inspector.captures_dropped",
+            Counter::FramesDropped => "packet_inspector.frames_dropped",
+            Counter::BatchesSent => "packet_inspector.batches_sent",
+            Counter::BatchesAcked => "packet_inspector.batches_acked",
+            Counter::BatchesLost => "packet_inspector.batches_lost",
+            Counter::StreamsOpened => "packet_inspector.streams_opened",
+            Counter::StreamsReady => "packet_inspector.streams_ready",
+            Counter::StreamsClosed => "packet_inspector.streams_closed",
+        }
+    }
+}
+
+/// What the pipeline needs from Envoy.
+pub trait Host {
+    fn now_ns(&self) -> u64;
+    /// Opens the bidirectional stream; returns its token.
+    fn open_stream(&mut self, cluster: &str) -> Result<u32, String>;
+    fn send(&mut self, token: u32, message: &[u8]) -> Result<(), String>;
+    fn cancel(&mut self, token: u32);
+    fn count(&mut self, counter: Counter, delta: u64);
+    fn warn(&mut self, message: &str);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    /// No stream; try again at `retry_at_ns`.
+    Down { retry_at_ns: u64 },
+    /// Opened, waiting for the aggregator's response headers.
+    Connecting { token: u32, since_ns: u64 },
+    Ready { token: u32 },
+}
+
+const INITIAL_BACKOFF_NS: u64 = 100_000_000;
+const MAX_BACKOFF_NS: u64 = 5_000_000_000;
+/// A stream that shows no response headers by then is cancelled and retried.
+const CONNECT_TIMEOUT_NS: u64 = 10_000_000_000;
+/// Warnings about the stream are logged at most this often.
+const WARN_INTERVAL_NS: u64 = 10_000_000_000;
+
+/// Per-transaction bookkeeping the pipeline needs from the HTTP side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Frames are being recorded.
+    Recording,
+    /// A frame after the start was dropped: the capture will end flagged.
+    Damaged,
+    /// The start was dropped: nothing more is sent for it.
+    Abandoned,
+}
+
+#[derive(Debug)]
+pub struct Pipeline {
+    cluster: String,
+    outbox: Outbox,
+    stream: Stream,
+    backoff_ns: u64,
+    next_transaction_id: u64,
+    /// Captures dropped since the last batch, reported to the aggregator in the next one.
+    unreported_drops: u64,
+    last_warning_ns: Option<u64>,
+}
+
+impl Pipeline {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            cluster: config.cluster.clone(),
+            outbox: Outbox::new(config.max_buffer_bytes, config.max_batch_bytes, config.max_batches_in_flight),
+            stream: Stream::Down { retry_at_ns: 0 },
+            backoff_ns: INITIAL_BACKOFF_NS,
+            next_transaction_id: 1,
+            unreported_drops: 0,
+            last_warning_ns: None,
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self.stream, Stream::Ready { .. })
+    }
+
+    /// Called on every tick: (re)connects when due, gives up on a stalled connect, flushes.
+    pub fn on_tick<H: Host>(&mut self, host: &mut H) {
+        let now = host.now_ns();
+        match self.stream {
+            Stream::Down { retry_at_ns } if now >= retry_at_ns => match host.open_stream(&self.cluster) {
+                Ok(token) => {
+                    host.count(Counter::StreamsOpened, 1);
+                    self.stream = Stream::Connecting { token, since_ns: now };
+                }
+                Err(err) => {
+                    self.warn(host, &format!("cannot open the capture stream on cluster {:?}: {err}", self.cluster));
+                    self.back_off(now);
+                }
+            },
+            Stream::Connecting { token, since_ns } if now.saturating_sub(since_ns) >= CONNECT_TIMEOUT_NS => {
+                host.cancel(token);
+                self.warn(host, "the aggregator did not answer the capture stream in time; retrying");
+                self.lose_stream(host, now);
+            }
+            _ => {}
+        }
+        self.flush(host);
+    }
+
+    /// Starts a transaction. Without a stream (aggregator absent) the capture is dropped at
+    /// once and counted, rather than buffered for an aggregator that may not come back.
+    pub fn begin(&mut self, host: &mut impl Host) -> Option<u64> {
+        if matches!(self.stream, Stream::Down { .. }) {
+            self.drop_capture(host);
+            return None;
+        }
+        host.count(Counter::CapturesStarted, 1);
+        let id = self.next_transaction_id;
+        self.next_transaction_id += 1;
+        Some(id)
+    }
+
+    /// Queues a frame of a transaction whose fate is `fate`, and returns the new fate.
+    pub fn record<H: Host>(&mut self, host: &mut H, fate: Fate, frame: Frame) -> Fate {
+        let is_start = matches!(frame.kind, Some(Kind::Start(_)));
+        let is_end = matches!(frame.kind, Some(Kind::End(_)));
+        // A damaged capture still sends its end, so the aggregator emits it flagged.
+        if fate == Fate::Abandoned || (fate == Fate::Damaged && !is_end) {
+            return fate;
+        }
+        match self.outbox.push(frame) {
+            Ok(()) => {
+                if self.outbox.has_full_batch() {
+                    self.flush(host);
+                }
+                fate
+            }
+            Err(_) => {
+                host.count(Counter::FramesDropped, 1);
+                match fate {
+                    Fate::Recording => {
+                        self.drop_capture(host);
+                        if is_start { Fate::Abandoned } else { Fate::Damaged }
+                    }
+                    other => other,
+                }
+            }
+        }
+    }
+
+    pub fn on_stream_ready<H: Host>(&mut self, host: &mut H, token: u32) {
+        if let Stream::Connecting { token: current, .. } = self.stream {
+            if current == token {
+                self.stream = Stream::Ready { token };
+                self.backoff_ns = INITIAL_BACKOFF_NS;
+                host.count(Counter::StreamsReady, 1);
+                self.flush(host);
+            }
+        }
+    }
+
+    pub fn on_stream_message<H: Host>(&mut self, host: &mut H, token: u32, message: &[u8]) {
+        if self.token() != Some(token) {
+            return;
+        }
+        match BatchAck::decode(message) {
+            Ok(ack) => {
+                let released = self.outbox.ack(ack.sequence);
+                host.count(Counter::BatchesAcked, released as u64);
+                if self.outbox.has_full_batch() {
+                    self.flush(host);
+                }
+            }
+            Err(err) => self.warn(host, &format!("the aggregator sent an undecodable ack: {err}")),
+        }
+    }
+
+    pub fn on_stream_closed<H: Host>(&mut self, host: &mut H, token: u32, status: u32) {
+        if self.token() != Some(token) {
+            return;
+        }
+        let now = host.now_ns();
+        self.warn(host, &format!("capture stream closed (gRPC status {status}); reconnecting"));
+        self.lose_stream(host, now);
+    }
+
+    /// Sends batches while the stream is ready and the ack window allows.
+    pub fn flush<H: Host>(&mut self, host: &mut H) {
+        let Stream::Ready { token } = self.stream else { return };
+        while let Some(batch) = self.outbox.next_batch(self.unreported_drops) {
+            let encoded = batch.encode_to_vec();
+            if let Err(err) = host.send(token, &encoded) {
+                self.warn(host, &format!("sending to the aggregator failed: {err}"));
+                host.cancel(token);
+                let now = host.now_ns();
+                self.lose_stream(host, now);
+                return;
+            }
+            self.unreported_drops = 0;
+            host.count(Counter::BatchesSent, 1);
+        }
+    }
+
+    fn token(&self) -> Option<u32> {
+        match self.stream {
+            Stream::Connecting { token, .. } | Stream::Ready { token } => Some(token),
+            Stream::Down { .. } => None,
+        }
+    }
+
+    fn lose_stream(&mut self, host: &mut impl Host, now: u64) {
+        host.count(Counter::StreamsClosed, 1);
+        let lost = self.outbox.stream_lost() as u64;
+        if lost > 0 {
+            // What those batches held cannot be told apart any more; count them as such.
+            host.count(Counter::BatchesLost, lost);
+        }
+        self.back_off(now);
+    }
+
+    fn back_off(&mut self, now: u64) {
+        self.stream = Stream::Down { retry_at_ns: now + self.backoff_ns };
+        self.backoff_ns = (self.backoff_ns * 2).min(MAX_BACKOFF_NS);
+    }
+
+    fn drop_capture(&mut self, host: &mut impl Host) {
+        host.count(Counter::CapturesDropped, 1);
+        self.unreported_drops += 1;
+    }
+
+    fn warn(&mut self, host: &mut impl Host, message: &str) {
+        let now = host.now_ns();
+        if self.last_warning_ns.is_none_or(|last| now.saturating_sub(last) >= WARN_INTERVAL_NS) {
+            self.last_warning_ns = Some(now);
+            host.warn(message);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use packet_inspector_proto::capture::{FrameBatch, TransactionEnd, TransactionStart};
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    struct MockHost {
+        now: u64,
+        next_token: u32,
+        sent: Vec<(u32, FrameBatch)>,
+        cancelled: Vec<u32>,
+        counters: HashMap<&'static str, u64>,
+        warnings: Vec<String>,
+        refuse_open: bool,
+    }
+
+    impl Host for MockHost {
+        fn now_ns(&self) -> u64 {
+            self.now
+        }
+        fn open_stream(&mut self, _cluster: &str) -> Result<u32, String> {
+            if self.refuse_open {
+                return Err("no such cluster".into());
+            }
+            self.next_token += 1;
+            Ok(self.next_token)
+        }
+        fn send(&mut self, token: u32, message: &[u8]) -> Result<(), String> {
+            self.sent.push((token, FrameBatch::decode(message).unwrap()));
+            Ok(())
+        }
+        fn cancel(&mut self, token: u32) {
+            self.cancelled.push(token);
+        }
+        fn count(&mut self, counter: Counter, delta: u64) {
+            *self.counters.entry(counter.name()).or_default() += delta;
+        }
+        fn warn(&mut self, message: &str) {
+            self.warnings.push(message.to_owned());
+        }
+    }
+
+    impl MockHost {
+        fn counter(&self, counter: Counter) -> u64 {
+            self.counters.get(counter.name()).copied().unwrap_or(0)
+        }
+    }
+
+    fn config(buffer: usize) -> Config {
+        let mut config = Config::from_json(br#"{"cluster":"aggregator"}"#).unwrap();
+        config.max_buffer_bytes = buffer;
+        config.max_batch_bytes = buffer.min(config.max_batch_bytes);
+        config
+    }
+
+    fn start(id: u64) -> Frame {
+        Frame { transaction_id: id, timestamp_ns: 1, kind: Some(Kind::Start(TransactionStart::default())) }
+    }
+
+    fn end(id: u64) -> Frame {
+        Frame { transaction_id: id, timestamp_ns: 2, kind: Some(Kind::End(TransactionEnd::default())) }
+    }
+
+    fn ready_pipeline(host: &mut MockHost, buffer: usize) -> Pipeline {
+        let mut pipeline = Pipeline::new(&config(buffer));
+        pipeline.on_tick(host);
+        pipeline.on_stream_ready(host, 1);
+        assert!(pipeline.is_ready());
+        pipeline
+    }
+
+    #[test]
+    fn frames_flow_once_ready_and_acks_open_the_window() {
+        let mut host = MockHost::default();
+        let mut pipeline = ready_pipeline(&mut host, 1 << 20);
+        let id = pipeline.begin(&mut host).unwrap();
+        assert_eq!(pipeline.record(&mut host, Fate::Recording, start(id)), Fate::Recording);
+        pipeline.record(&mut host, Fate::Recording, end(id));
+        pipeline.on_tick(&mut host);
+        assert_eq!(host.sent.len(), 1);
+        assert_eq!(host.sent[0].1.frames.len(), 2);
+        pipeline.on_stream_message(&mut host, 1, &BatchAck { sequence: 1 }.encode_to_vec());
+        assert_eq!(host.counter(Counter::BatchesAcked), 1);
+    }
+
+    #[test]
+    fn without_a_stream_captures_are_dropped_and_reported_later() {
+        let mut host = MockHost { refuse_open: true, ..Default::default() };
+        let mut pipeline = Pipeline::new(&config(1 << 20));
+        pipeline.on_tick(&mut host);
+        assert_eq!(pipeline.begin(&mut host), None);
+        assert_eq!(pipeline.begin(&mut host), None);
+        assert_eq!(host.counter(Counter::CapturesDropped), 2);
+        assert_eq!(host.warnings.len(), 1, "warnings are rate-limited");
+        host.refuse_open = false;
+        host.now += INITIAL_BACKOFF_NS;
+        pipeline.on_tick(&mut host);
+        pipeline.on_stream_ready(&mut host, 1);
+        let id = pipeline.begin(&mut host).unwrap();
+        pipeline.record(&mut host, Fate::Recording, start(id));
+        pipeline.on_tick(&mut host);
+        assert_eq!(host.sent[0].1.captures_dropped, 2, "the aggregator learns of the drops");
+    }
+
+    #[test]
+    fn full_buffer_abandons_or_damages_captures() {
+        let mut host = MockHost::default();
+        let one = crate::outbox::framed_len(&start(1));
+        let mut pipeline = ready_pipeline(&mut host, one * 2);
+        // Hold the window shut so nothing drains.
+        pipeline.outbox = Outbox::new(one * 2, one * 2, 1);
+        pipeline.outbox.push(start(99)).unwrap();
+        pipeline.outbox.next_batch(0).unwrap();
+        let a = pipeline.begin(&mut host).unwrap();
+        let fate_a = pipeline.record(&mut host, Fate::Recording, start(a));
+        let b = pipeline.begin(&mut host).unwrap();
+        let fate_b = pipeline.record(&mut host, Fate::Recording, start(b));
+        let c = pipeline.begin(&mut host).unwrap();
+        let fate_c = pipeline.record(&mut host, Fate::Recording, start(c));
+        assert_eq!((fate_a, fate_b, fate_c), (Fate::Recording, Fate::Recording, Fate::Abandoned));
+        let fate_a = pipeline.record(&mut host, Fate::Recording, end(a));
+        assert_eq!(fate_a, Fate::Damaged);
+        assert_eq!(host.counter(Counter::CapturesDropped), 2);
+        assert_eq!(host.counter(Counter::FramesDropped), 2);
+    }
+
+    #[test]
+    fn stream_close_backs_off_exponentially_and_reconnects() {
+        let mut host = MockHost::default();
+        let mut pipeline = ready_pipeline(&mut host, 1 << 20);
+        let id = pipeline.begin(&mut host).unwrap();
+        pipeline.record(&mut host, Fate::Recording, start(id));
+        pipeline.flush(&mut host);
+        pipeline.on_stream_closed(&mut host, 1, 14);
+        assert_eq!(host.counter(Counter::BatchesLost), 1);
+        assert!(!pipeline.is_ready());
+        pipeline.on_tick(&mut host);
+        assert_eq!(host.counter(Counter::StreamsOpened), 1, "not before the backoff");
+        host.now += INITIAL_BACKOFF_NS;
+        pipeline.on_tick(&mut host);
+        assert_eq!(host.counter(Counter::StreamsOpened), 2);
+        // A stale close for the old token changes nothing.
+        pipeline.on_stream_closed(&mut host, 1, 14);
+        pipeline.on_stream_ready(&mut host, 2);
+        assert!(pipeline.is_ready());
+    }
+
+    #[test]
+    fn stalled_connect_is_cancelled() {
+        let mut host = MockHost::default();
+        let mut pipeline = Pipeline::new(&config(1 << 20));
+        pipeline.on_tick(&mut host);
+        host.now += CONNECT_TIMEOUT_NS;
+        pipeline.on_tick(&mut host);
+        assert_eq!(host.cancelled, vec![1]);
+        assert_eq!(host.counter(Counter::StreamsClosed), 1);
+    }
+}

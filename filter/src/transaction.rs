@@ -1,0 +1,155 @@
+//! One HTTP exchange as the filter records it: builds the frames for each callback and applies
+//! the per-direction body limit, so truncation is counted exactly (never silent).
+
+use packet_inspector_proto::capture::{
+    frame::Kind, BodyChunk, Direction, EndReason, Frame, Header, Headers, SocketAddress, TransactionEnd,
+    TransactionMetadata, TransactionStart,
+};
+
+use crate::pipeline::Fate;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct DirectionState {
+    captured: u64,
+    finished: bool,
+}
+
+#[derive(Debug)]
+pub struct HttpTransaction {
+    id: u64,
+    pub fate: Fate,
+    max_body_bytes: u64,
+    request: DirectionState,
+    response: DirectionState,
+}
+
+impl HttpTransaction {
+    pub fn new(id: u64, max_body_bytes: u64) -> Self {
+        Self {
+            id,
+            fate: Fate::Recording,
+            max_body_bytes,
+            request: DirectionState::default(),
+            response: DirectionState::default(),
+        }
+    }
+
+    fn frame(&self, timestamp_ns: u64, kind: Kind) -> Frame {
+        Frame { transaction_id: self.id, timestamp_ns, kind: Some(kind) }
+    }
+
+    fn state(&mut self, direction: Direction) -> &mut DirectionState {
+        match direction {
+            Direction::Response => &mut self.response,
+            _ => &mut self.request,
+        }
+    }
+
+    pub fn start(&self, timestamp_ns: u64, metadata: TransactionMetadata) -> Frame {
+        self.frame(timestamp_ns, Kind::Start(TransactionStart { metadata: Some(metadata) }))
+    }
+
+    pub fn headers(&mut self, timestamp_ns: u64, direction: Direction, headers: Vec<Header>, end_of_stream: bool) -> Frame {
+        self.state(direction).finished |= end_of_stream;
+        self.frame(timestamp_ns, Kind::Headers(Headers { direction: direction as i32, headers, end_of_stream }))
+    }
+
+    /// How many bytes of a `chunk_len`-byte body chunk to read from the host (what is left of
+    /// the limit); reading only those keeps large bodies off the wasm heap.
+    pub fn body_budget(&self, direction: Direction, chunk_len: usize) -> usize {
+        let captured = match direction {
+            Direction::Response => self.response.captured,
+            _ => self.request.captured,
+        };
+        let left = self.max_body_bytes.saturating_sub(captured);
+        usize::try_from(left).map_or(chunk_len, |left| left.min(chunk_len))
+    }
+
+    /// A body chunk of `chunk_len` bytes of which `data` (at most the budget) was read.
+    /// Returns `None` for an empty, non-final chunk (nothing to tell).
+    pub fn body(&mut self, timestamp_ns: u64, direction: Direction, data: Vec<u8>, chunk_len: usize, end_of_stream: bool) -> Option<Frame> {
+        if chunk_len == 0 && !end_of_stream {
+            return None;
+        }
+        let state = self.state(direction);
+        state.captured += data.len() as u64;
+        state.finished |= end_of_stream;
+        let truncated_bytes = chunk_len.saturating_sub(data.len()) as u64;
+        Some(self.frame(
+            timestamp_ns,
+            Kind::Body(BodyChunk { direction: direction as i32, data, truncated_bytes, end_of_stream }),
+        ))
+    }
+
+    pub fn trailers(&mut self, timestamp_ns: u64, direction: Direction, trailers: Vec<Header>) -> Frame {
+        self.state(direction).finished = true;
+        self.frame(timestamp_ns, Kind::Trailers(Headers { direction: direction as i32, headers: trailers, end_of_stream: true }))
+    }
+
+    /// The end frame: complete when both directions finished, else aborted; damaged captures
+    /// say so.
+    pub fn end(&self, timestamp_ns: u64, upstream: Option<SocketAddress>) -> Frame {
+        let reason = if self.fate == Fate::Damaged {
+            EndReason::FramesDropped
+        } else if self.request.finished && self.response.finished {
+            EndReason::Complete
+        } else {
+            EndReason::Aborted
+        };
+        self.frame(timestamp_ns, Kind::End(TransactionEnd { reason: reason as i32, upstream }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body_of(frame: Frame) -> BodyChunk {
+        match frame.kind {
+            Some(Kind::Body(body)) => body,
+            other => panic!("not a body: {other:?}"),
+        }
+    }
+
+    fn end_reason(frame: Frame) -> EndReason {
+        match frame.kind {
+            Some(Kind::End(end)) => end.reason(),
+            other => panic!("not an end: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn body_limit_truncates_exactly_and_says_how_much() {
+        let mut txn = HttpTransaction::new(7, 10);
+        assert_eq!(txn.body_budget(Direction::Request, 6), 6);
+        let first = body_of(txn.body(1, Direction::Request, vec![1; 6], 6, false).unwrap());
+        assert_eq!(first.truncated_bytes, 0);
+        assert_eq!(txn.body_budget(Direction::Request, 8), 4);
+        let second = body_of(txn.body(2, Direction::Request, vec![2; 4], 8, false).unwrap());
+        assert_eq!(second.truncated_bytes, 4);
+        assert_eq!(txn.body_budget(Direction::Request, 100), 0);
+        let third = body_of(txn.body(3, Direction::Request, vec![], 100, true).unwrap());
+        assert_eq!((third.truncated_bytes, third.end_of_stream), (100, true));
+        // The response has a budget of its own.
+        assert_eq!(txn.body_budget(Direction::Response, 100), 10);
+    }
+
+    #[test]
+    fn empty_intermediate_chunks_are_skipped() {
+        let mut txn = HttpTransaction::new(1, 10);
+        assert!(txn.body(1, Direction::Response, vec![], 0, false).is_none());
+        assert!(txn.body(1, Direction::Response, vec![], 0, true).is_some());
+    }
+
+    #[test]
+    fn end_reason_reflects_what_was_seen() {
+        let mut txn = HttpTransaction::new(1, 10);
+        txn.headers(1, Direction::Request, vec![], true);
+        assert_eq!(end_reason(txn.end(2, None)), EndReason::Aborted);
+        txn.headers(3, Direction::Response, vec![], false);
+        txn.trailers(4, Direction::Response, vec![]);
+        assert_eq!(end_reason(txn.end(5, None)), EndReason::Complete);
+        txn.fate = Fate::Damaged;
+        assert_eq!(end_reason(txn.end(6, None)), EndReason::FramesDropped);
+    }
+}
