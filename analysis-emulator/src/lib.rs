@@ -1,1 +1,107 @@
-//! placeholder
+//! The analysis emulator: stands in for a third-party analysis tool. It serves the
+//! `AnalysisService` contract over TLS and stores each capture as `<stem>.bson` and
+//! `<stem>.pcap` under an output directory ([`store`], named by [`naming`]).
+
+pub mod naming;
+pub mod store;
+
+use std::{path::PathBuf, sync::Arc};
+
+use clap::Parser;
+use packet_inspector_proto::{
+    analysis::{
+        analysis_service_server::{AnalysisService, AnalysisServiceServer},
+        Capture, SubmitReply,
+    },
+    tls,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// Stands in for an analysis tool: a TLS gRPC server that writes one .bson and one .pcap per capture.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "packet-inspector-analysis-emulator", version)]
+pub struct Args {
+    /// Address the TLS gRPC server listens on.
+    #[arg(long, env = "PI_LISTEN", default_value = "0.0.0.0:21000")]
+    pub listen: String,
+    /// PEM certificate chain presented to the aggregator; it must carry a DNS-name SAN equal to
+    /// the host the aggregator is configured with.
+    #[arg(long, env = "PI_TLS_CERT", default_value = "/etc/analysis/certs/cert-chain.pem")]
+    pub tls_cert: PathBuf,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "PI_TLS_KEY", default_value = "/etc/analysis/certs/key.pem")]
+    pub tls_key: PathBuf,
+    /// Directory the captures are written to.
+    #[arg(long, env = "PI_OUTPUT_DIR", default_value = "/tmp")]
+    pub output_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatorError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("--output-dir {path}: {reason}")]
+    OutputDir { path: PathBuf, reason: String },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+struct Emulator {
+    output_dir: Arc<PathBuf>,
+}
+
+#[tonic::async_trait]
+impl AnalysisService for Emulator {
+    async fn submit(&self, request: Request<Capture>) -> Result<Response<SubmitReply>, Status> {
+        let capture = request.into_inner();
+        let dir = self.output_dir.clone();
+        let stored = tokio::task::spawn_blocking(move || store::store(&dir, &capture))
+            .await
+            .map_err(|err| Status::internal(format!("storing task failed: {err}")))?;
+        match stored {
+            Ok(stem) => {
+                tracing::info!(file = %stem, "capture stored");
+                Ok(Response::new(SubmitReply { stored_as: stem }))
+            }
+            Err(err @ (store::StoreError::NoMetadata | store::StoreError::NotHttp)) => {
+                tracing::warn!(error = %err, "capture refused");
+                Err(Status::invalid_argument(err.to_string()))
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "capture not stored");
+                Err(Status::internal(err.to_string()))
+            }
+        }
+    }
+}
+
+/// Serves on `listener` until `shutdown`; calls under way finish first (their files are
+/// complete or absent, never partial).
+///
+/// # Errors
+/// [`EmulatorError`] for unusable certificates or output directory, or a failed server.
+pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken) -> Result<(), EmulatorError> {
+    let output_dir = &args.output_dir;
+    let metadata = std::fs::metadata(output_dir)
+        .map_err(|err| EmulatorError::OutputDir { path: output_dir.clone(), reason: err.to_string() })?;
+    if !metadata.is_dir() {
+        return Err(EmulatorError::OutputDir { path: output_dir.clone(), reason: "not a directory".into() });
+    }
+    let identity = tls::Identity { cert_chain: args.tls_cert.clone(), private_key: args.tls_key.clone() };
+    let config = tls::server_config(&identity, None)?;
+    tracing::info!(
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        output_dir = %output_dir.display(),
+        "analysis emulator serving"
+    );
+    let incoming = tls::serve_incoming(listener, config, shutdown.clone());
+    let service = Emulator { output_dir: Arc::new(args.output_dir.clone()) };
+    tonic::transport::Server::builder()
+        .add_service(AnalysisServiceServer::new(service).max_decoding_message_size(64 * 1024 * 1024))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+        .await?;
+    tracing::info!("analysis emulator stopped cleanly");
+    Ok(())
+}

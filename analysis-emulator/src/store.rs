@@ -1,0 +1,137 @@
+//! Writes a capture as `<stem>.bson` (the raw exchange and all metadata) and `<stem>.pcap`,
+//! each atomically: written under a hidden temporary name in the same directory, synced, then
+//! renamed, so a reader never sees a half-written file.
+
+use std::{
+    fs::{self, File},
+    io::{self, BufWriter, Write},
+    path::{Path, PathBuf},
+};
+
+use bson::{doc, spec::BinarySubtype, Binary, Bson, Document};
+use packet_inspector_proto::{
+    analysis::{Capture, HttpMessage},
+    capture::{Header, SocketAddress, TransactionMetadata},
+    pcap,
+};
+
+use crate::naming;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("capture has no metadata")]
+    NoMetadata,
+    #[error("capture has no HTTP exchange (only HTTP captures are stored so far)")]
+    NotHttp,
+    #[error("cannot write {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("cannot encode BSON: {0}")]
+    Bson(#[from] bson::error::Error),
+}
+
+fn binary(bytes: &[u8]) -> Bson {
+    Bson::Binary(Binary { subtype: BinarySubtype::Generic, bytes: bytes.to_vec() })
+}
+
+/// A header value as a string when it is UTF-8 (the common case, readable in any BSON tool),
+/// else as binary: nothing is lost either way.
+fn text_or_binary(bytes: &[u8]) -> Bson {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Bson::String(text.to_owned()),
+        Err(_) => binary(bytes),
+    }
+}
+
+fn headers(headers: &[Header]) -> Bson {
+    Bson::Array(
+        headers
+            .iter()
+            .map(|h| Bson::Document(doc! { "name": text_or_binary(&h.name), "value": text_or_binary(&h.value) }))
+            .collect(),
+    )
+}
+
+fn message(message: &HttpMessage) -> Document {
+    doc! {
+        "headers": headers(&message.headers),
+        "body": binary(&message.body),
+        "trailers": headers(&message.trailers),
+        "bodyTruncated": message.body_truncated,
+        "bodySize": message.body_size as i64,
+    }
+}
+
+fn address(address: Option<&SocketAddress>) -> Bson {
+    address.map_or(Bson::Null, |a| Bson::Document(doc! { "ip": &a.ip, "port": a.port as i32 }))
+}
+
+/// `ROLE_CONSUMER` → `consumer`: the names users see elsewhere (file names, charts).
+fn short(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix).unwrap_or(name).to_ascii_lowercase()
+}
+
+fn metadata(m: &TransactionMetadata) -> Document {
+    let labels: Document = m.labels.iter().map(|(k, v)| (k.clone(), Bson::String(v.clone()))).collect();
+    doc! {
+        "podName": &m.pod_name,
+        "namespace": &m.namespace,
+        "workload": &m.workload,
+        "node": &m.node,
+        "labels": labels,
+        "role": short(m.role().as_str_name(), "ROLE_"),
+        "gateway": m.gateway,
+        "protocol": short(m.protocol().as_str_name(), "PROTOCOL_"),
+        "downstreamRemote": address(m.downstream_remote.as_ref()),
+        "downstreamLocal": address(m.downstream_local.as_ref()),
+        "upstream": address(m.upstream.as_ref()),
+        "requestId": &m.request_id,
+        "connectionId": m.connection_id as i64,
+        "startTimeNs": m.start_time_ns as i64,
+    }
+}
+
+/// The BSON document of a capture.
+///
+/// # Errors
+/// [`StoreError`] when the capture lacks metadata or an HTTP exchange.
+pub fn document(capture: &Capture) -> Result<Document, StoreError> {
+    let meta = capture.metadata.as_ref().ok_or(StoreError::NoMetadata)?;
+    let http = capture.http.as_ref().ok_or(StoreError::NotHttp)?;
+    Ok(doc! {
+        "metadata": metadata(meta),
+        "request": http.request.as_ref().map_or(Bson::Null, |m| Bson::Document(message(m))),
+        "response": http.response.as_ref().map_or(Bson::Null, |m| Bson::Document(message(m))),
+        "endTimeNs": capture.end_time_ns as i64,
+        "endReason": short(capture.end_reason().as_str_name(), "END_REASON_"),
+    })
+}
+
+fn write_atomically(dir: &Path, name: &str, write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>) -> Result<(), StoreError> {
+    let path = dir.join(name);
+    let temporary = dir.join(format!(".{name}.partial"));
+    let io_error = |source| StoreError::Io { path: path.clone(), source };
+    let result = (|| {
+        let mut out = BufWriter::new(File::create(&temporary)?);
+        write(&mut out)?;
+        out.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()?;
+        fs::rename(&temporary, &path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temporary);
+    }
+    result.map_err(io_error)
+}
+
+/// Stores a capture under `dir`; returns the file stem.
+///
+/// # Errors
+/// [`StoreError`] for a capture that cannot be stored or a write that failed (no partial file
+/// is left behind).
+pub fn store(dir: &Path, capture: &Capture) -> Result<String, StoreError> {
+    let document = document(capture)?;
+    let stem = naming::http_stem(capture.metadata.as_ref().ok_or(StoreError::NoMetadata)?);
+    let bytes = document.to_vec()?;
+    write_atomically(dir, &format!("{stem}.bson"), |out| out.write_all(&bytes))?;
+    write_atomically(dir, &format!("{stem}.pcap"), |out| pcap::write_file(out, capture.link_type, &capture.records))?;
+    Ok(stem)
+}
