@@ -50,7 +50,7 @@ pub async fn run(
     let identity = tls::Identity { cert_chain: args.tls_cert.clone(), private_key: args.tls_key.clone() };
     let server_tls = tls::server_config(&identity, Some(&args.client_ca))?;
     let (host, port) = config::host_port("analysis-address", &args.analysis_address)?;
-    let channel = tls::connect_lazy(&host, port, tls::client_config(&args.analysis_ca)?, Duration::from_secs(5))?;
+    let channel = tls::connect_lazy(&host, port, tls::client_config(&args.analysis_ca, None)?, Duration::from_secs(5))?;
 
     let metrics = Arc::new(Metrics::default());
     let (forwarder, delivery) = Forwarder::start(channel, args.forward_queue, args.forward_concurrency, metrics.clone());

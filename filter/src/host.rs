@@ -35,17 +35,6 @@ extern "C" {
     fn proxy_get_property(path: *const u8, path_len: usize, data: *mut *mut u8, len: *mut usize) -> u32;
     fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, len: *mut usize) -> u32;
     fn proxy_get_buffer_bytes(buffer_type: u32, start: usize, max: usize, data: *mut *mut u8, len: *mut usize) -> u32;
-    fn proxy_grpc_stream(
-        cluster: *const u8,
-        cluster_len: usize,
-        service: *const u8,
-        service_len: usize,
-        method: *const u8,
-        method_len: usize,
-        metadata: *const u8,
-        metadata_len: usize,
-        token: *mut u32,
-    ) -> u32;
     fn proxy_grpc_send(token: u32, message: *const u8, message_len: usize, end_stream: u32) -> u32;
     fn proxy_grpc_cancel(token: u32) -> u32;
     fn proxy_define_metric(metric_type: u32, name: *const u8, name_len: usize, id: *mut u32) -> u32;
@@ -106,23 +95,13 @@ pub fn buffer(buffer_type: BufferType, start: usize, max: usize) -> Result<Vec<u
     }
 }
 
-pub fn open_grpc_stream(cluster: &str, service: &str, method: &str, metadata: &[u8]) -> Result<u32, HostStatus> {
-    let mut token = 0;
-    // SAFETY: pointers to live buffers of the stated lengths.
-    check(unsafe {
-        proxy_grpc_stream(
-            cluster.as_ptr(),
-            cluster.len(),
-            service.as_ptr(),
-            service.len(),
-            method.as_ptr(),
-            method.len(),
-            metadata.as_ptr(),
-            metadata.len(),
-            &mut token,
-        )
-    })?;
-    Ok(token)
+/// Opens a gRPC stream from the current (root) context.
+///
+/// This one goes through the SDK: its dispatcher routes the stream's callbacks by a token it
+/// registers only there. Envoy answers it with Ok, ParseFailure (unknown cluster) or
+/// InternalFailure, all of which the SDK returns as values rather than panicking on.
+pub fn open_grpc_stream(cluster: &str, service: &str, method: &str) -> Result<u32, HostStatus> {
+    proxy_wasm::hostcalls::open_grpc_stream(cluster, service, method, Vec::new()).map_err(|status| HostStatus(status as u32))
 }
 
 pub fn grpc_send(token: u32, message: &[u8]) -> Result<(), HostStatus> {

@@ -42,7 +42,7 @@ impl Host for EnvoyHost<'_> {
         now_ns()
     }
     fn open_stream(&mut self, cluster: &str) -> Result<u32, String> {
-        host::open_grpc_stream(cluster, SERVICE, METHOD, &[]).map_err(|status| status.to_string())
+        host::open_grpc_stream(cluster, SERVICE, METHOD).map_err(|status| status.to_string())
     }
     fn send(&mut self, token: u32, message: &[u8]) -> Result<(), String> {
         host::grpc_send(token, message).map_err(|status| status.to_string())

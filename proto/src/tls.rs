@@ -218,6 +218,10 @@ pub fn serve_incoming(
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(TlsConnection(tls))).await;
                     }
+                    // A peer that closes before saying anything is a port probe, not an attack.
+                    Ok(Err(err)) if err.kind() == io::ErrorKind::UnexpectedEof => {
+                        tracing::debug!(%peer, "connection closed before the TLS handshake")
+                    }
                     Ok(Err(err)) => tracing::warn!(%peer, error = %err, "TLS handshake refused"),
                     Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
                 }
@@ -227,16 +231,26 @@ pub fn serve_incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// A client config that trusts `ca` and offers HTTP/2.
+/// A client config that trusts `ca`, offers HTTP/2 and, with `identity`, presents a client
+/// certificate (as filters do towards the aggregator).
 ///
 /// # Errors
-/// As [`load_roots`].
-pub fn client_config(ca: &Path) -> Result<ClientConfig, TlsError> {
-    let mut config = ClientConfig::builder_with_provider(provider())
+/// As [`load_roots`], or when the identity's files are unusable.
+pub fn client_config(ca: &Path, identity: Option<&Identity>) -> Result<ClientConfig, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|source| TlsError::BadCa { path: ca.to_owned(), source })?
-        .with_root_certificates(load_roots(ca)?)
-        .with_no_client_auth();
+        .with_root_certificates(load_roots(ca)?);
+    let mut config = match identity {
+        Some(identity) => builder
+            .with_client_auth_cert(load_certificates(&identity.cert_chain)?, load_key(&identity.private_key)?)
+            .map_err(|source| TlsError::KeyMismatch {
+                cert: identity.cert_chain.clone(),
+                key: identity.private_key.clone(),
+                source,
+            })?,
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }

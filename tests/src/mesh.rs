@@ -1,0 +1,373 @@
+//! A local stand-in for two meshed pods and a node's capture pipeline:
+//!
+//! ```text
+//! client ─▶ client sidecar (OUTBOUND, consumer) ─mTLS─▶ server sidecar (INBOUND, producer) ─▶ app
+//!                  └──────────── filter frames, mTLS gRPC ─────────────┘
+//!                                        ▼
+//!                                   aggregator ─TLS─▶ analysis emulator ─▶ <output>/*.{bson,pcap}
+//! ```
+//!
+//! Both sidecars are real Envoys configured from `samples/local-demo/*.yaml`, carrying Istio's
+//! node metadata and running the built filter on V8.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{app::SampleApp, certs::Ca, free_port, http, process::Process, tools, wait_for, workspace_root};
+
+pub const NAMESPACE: &str = "bookinfo";
+pub const CLIENT_POD: &str = "productpage-v1-6b746f74dc-9stvs";
+pub const CLIENT_WORKLOAD: &str = "productpage-v1";
+pub const SERVER_POD: &str = "reviews-v1-545db77b95-hkh9p";
+pub const SERVER_WORKLOAD: &str = "reviews-v1";
+/// The aggregator's certificate name, checked by the sidecars.
+pub const AGGREGATOR_SAN: &str = "packet-inspector-aggregator.istio-system.svc";
+/// The analysis service's host as the aggregator is told it (and as its certificate says).
+pub const ANALYSIS_HOST: &str = "localhost";
+const STARTUP: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct MeshOptions {
+    /// Where the emulator writes; a fresh directory under the run's when `None`.
+    pub output_dir: Option<PathBuf>,
+    pub max_body_bytes: u64,
+    /// DNS name in the analysis emulator's certificate (a mismatch must stop forwarding).
+    pub analysis_san: String,
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        Self { output_dir: None, max_body_bytes: 64 * 1024, analysis_san: ANALYSIS_HOST.to_owned() }
+    }
+}
+
+/// Which sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sidecar {
+    Client,
+    Server,
+}
+
+/// The two files of one stored capture.
+#[derive(Debug, Clone)]
+pub struct CaptureFiles {
+    pub pcap: PathBuf,
+    pub bson: PathBuf,
+}
+
+impl CaptureFiles {
+    pub fn document(&self) -> Result<bson::Document> {
+        let bytes = std::fs::read(&self.bson).with_context(|| format!("reading {}", self.bson.display()))?;
+        Ok(bson::Document::from_reader(&mut bytes.as_slice())?)
+    }
+}
+
+pub struct Mesh {
+    pub dir: PathBuf,
+    pub output_dir: PathBuf,
+    /// Where a client in the "client pod" sends its requests.
+    pub client_listener: SocketAddr,
+    /// The server sidecar's inbound (mTLS) listener.
+    pub server_listener: SocketAddr,
+    pub aggregator_port: u16,
+    pub aggregator_admin_port: u16,
+    client_admin: u16,
+    server_admin: u16,
+    emulator: Option<Process>,
+    aggregator: Option<Process>,
+    client_envoy: Option<Process>,
+    server_envoy: Option<Process>,
+    _app: SampleApp,
+    analysis_port: u16,
+    /// Set until startup succeeds, so a failed start keeps its logs for inspection.
+    failed: bool,
+}
+
+fn render(template: &str, values: &[(&str, String)]) -> Result<String> {
+    let mut text = template.to_owned();
+    for (key, value) in values {
+        text = text.replace(&format!("{{{{{key}}}}}"), value);
+    }
+    if let Some(at) = text.find("{{") {
+        bail!("unfilled placeholder in sidecar template: {}", &text[at..(at + 40).min(text.len())]);
+    }
+    Ok(text)
+}
+
+fn unique_dir() -> Result<PathBuf> {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("packet-inspector-e2e-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+impl Mesh {
+    /// Starts everything and waits until each part is ready.
+    pub fn start(options: MeshOptions) -> Result<Self> {
+        let dir = unique_dir()?;
+        let output_dir = options.output_dir.clone().unwrap_or_else(|| dir.join("captures"));
+        std::fs::create_dir_all(&output_dir)?;
+        let ca = Ca::new("packet-inspector demo mesh CA")?;
+        let certs = dir.join("certs");
+        ca.issue(&certs.join("client"), &["productpage.bookinfo.svc.cluster.local"])?;
+        ca.issue(&certs.join("server"), &["server.bookinfo.svc.cluster.local"])?;
+        ca.issue(&certs.join("aggregator"), &[AGGREGATOR_SAN])?;
+        ca.issue(&certs.join("analysis"), &[options.analysis_san.as_str()])?;
+
+        let app = SampleApp::start(SERVER_WORKLOAD)?;
+        let mut mesh = Self {
+            output_dir,
+            client_listener: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            server_listener: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            aggregator_port: free_port()?,
+            aggregator_admin_port: free_port()?,
+            client_admin: free_port()?,
+            server_admin: free_port()?,
+            analysis_port: free_port()?,
+            emulator: None,
+            aggregator: None,
+            client_envoy: None,
+            server_envoy: None,
+            _app: app,
+            dir,
+            failed: true,
+        };
+        mesh.start_emulator()?;
+        mesh.start_aggregator()?;
+        let filter_config = format!(
+            r#"{{"cluster":"packet_inspector_aggregator","maxBodyBytes":{},"flushIntervalMs":50}}"#,
+            options.max_body_bytes
+        );
+        let wasm = tools::wasm()?;
+        let common = |certs: &Path, admin: u16, listen: u16, upstream: u16| {
+            vec![
+                ("NAMESPACE", NAMESPACE.to_owned()),
+                ("ADMIN_PORT", admin.to_string()),
+                ("LISTEN_PORT", listen.to_string()),
+                ("UPSTREAM_PORT", upstream.to_string()),
+                ("AGGREGATOR_PORT", mesh.aggregator_port.to_string()),
+                ("AGGREGATOR_SAN", AGGREGATOR_SAN.to_owned()),
+                ("CERTS", certs.display().to_string()),
+                ("WASM", wasm.display().to_string()),
+                ("FILTER_CONFIG", filter_config.clone()),
+            ]
+        };
+        let mut server_values = common(&certs.join("server"), mesh.server_admin, mesh.server_listener.port(), mesh._app.port);
+        server_values.extend([("POD_NAME", SERVER_POD.to_owned()), ("WORKLOAD", SERVER_WORKLOAD.to_owned())]);
+        let mut client_values = common(&certs.join("client"), mesh.client_admin, mesh.client_listener.port(), mesh.server_listener.port());
+        client_values.extend([("POD_NAME", CLIENT_POD.to_owned()), ("WORKLOAD", CLIENT_WORKLOAD.to_owned())]);
+        let samples = workspace_root().join("samples/local-demo");
+        mesh.server_envoy = Some(mesh.start_envoy("server-sidecar", &samples.join("server-sidecar.yaml"), &server_values, mesh.server_admin)?);
+        mesh.client_envoy = Some(mesh.start_envoy("client-sidecar", &samples.join("client-sidecar.yaml"), &client_values, mesh.client_admin)?);
+        for sidecar in [Sidecar::Client, Sidecar::Server] {
+            let ready = wait_for(&format!("{sidecar:?} sidecar's capture stream"), STARTUP, || {
+                mesh.counter(sidecar, "streams_ready").ok().filter(|n| *n >= 1)
+            });
+            if let Err(err) = ready {
+                bail!("{err}\n{}", mesh.log_tails(40));
+            }
+        }
+        mesh.failed = false;
+        Ok(mesh)
+    }
+
+    fn start_envoy(&self, name: &str, template: &Path, values: &[(&str, String)], admin: u16) -> Result<Process> {
+        let template = std::fs::read_to_string(template).with_context(|| format!("reading {}", template.display()))?;
+        let config = self.dir.join(format!("{name}.yaml"));
+        std::fs::write(&config, render(&template, values)?)?;
+        let mut command = Command::new(tools::envoy()?);
+        command
+            .arg("-c")
+            .arg(&config)
+            .args(["--concurrency", "1", "--disable-hot-restart", "--log-level", "info", "--component-log-level", "wasm:debug"]);
+        let mut process = Process::spawn(name, command, &self.dir.join(format!("{name}.log")))?;
+        let ready = wait_for(&format!("{name} to be ready"), STARTUP, || {
+            if process.exited().is_some() {
+                return Some(false);
+            }
+            admin_get(admin, "/ready").ok().filter(|body| body.trim() == "LIVE").map(|_| true)
+        });
+        match ready {
+            Ok(true) => Ok(process),
+            Ok(false) => bail!("{name} exited during startup:\n{}", process.tail(40)),
+            Err(err) => bail!("{err}:\n{}", process.tail(40)),
+        }
+    }
+
+    fn start_emulator(&mut self) -> Result<()> {
+        let certs = self.dir.join("certs/analysis");
+        let mut command = Command::new(tools::binary("packet-inspector-analysis-emulator")?);
+        command
+            .args(["--listen", &format!("127.0.0.1:{}", self.analysis_port)])
+            .arg("--tls-cert")
+            .arg(certs.join("cert-chain.pem"))
+            .arg("--tls-key")
+            .arg(certs.join("key.pem"))
+            .arg("--output-dir")
+            .arg(&self.output_dir);
+        let process = Process::spawn("analysis-emulator", command, &self.dir.join("analysis-emulator.log"))?;
+        self.emulator = Some(wait_listening(process, self.analysis_port)?);
+        Ok(())
+    }
+
+    /// Starts (or restarts, on the same ports) the aggregator.
+    pub fn start_aggregator(&mut self) -> Result<()> {
+        let certs = self.dir.join("certs/aggregator");
+        let mut command = Command::new(tools::binary("packet-inspector-aggregator")?);
+        command
+            .args(["--listen", &format!("127.0.0.1:{}", self.aggregator_port)])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", self.aggregator_admin_port)])
+            .arg("--tls-cert")
+            .arg(certs.join("cert-chain.pem"))
+            .arg("--tls-key")
+            .arg(certs.join("key.pem"))
+            .arg("--client-ca")
+            .arg(certs.join("root-cert.pem"))
+            .args(["--analysis-address", &format!("{ANALYSIS_HOST}:{}", self.analysis_port)])
+            .arg("--analysis-ca")
+            .arg(certs.join("root-cert.pem"))
+            .args(["--node-name", "demo-node-1"]);
+        let process = Process::spawn("aggregator", command, &self.dir.join("aggregator.log"))?;
+        self.aggregator = Some(wait_listening(process, self.aggregator_port)?);
+        Ok(())
+    }
+
+    /// Stops the aggregator with SIGTERM; returns whether it exited cleanly.
+    pub fn stop_aggregator(&mut self) -> bool {
+        self.aggregator.take().and_then(|mut p| p.stop(Duration::from_secs(30))).is_some_and(|s| s.success())
+    }
+
+    /// A filter counter from a sidecar's stats (`wasmcustom.packet_inspector.<name>`).
+    pub fn counter(&self, sidecar: Sidecar, name: &str) -> Result<u64> {
+        let admin = match sidecar {
+            Sidecar::Client => self.client_admin,
+            Sidecar::Server => self.server_admin,
+        };
+        let stat = format!("wasmcustom.packet_inspector.{name}");
+        let stats = admin_get(admin, &format!("/stats?filter=^{}$", stat.replace('.', "\\.")))?;
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{stat}: ")))
+            .map(|value| value.trim().parse().context("stat value"))
+            .unwrap_or(Ok(0))
+    }
+
+    /// A counter from the aggregator's /metrics.
+    pub fn aggregator_metric(&self, name: &str) -> Result<u64> {
+        let metrics = admin_get(self.aggregator_admin_port, "/metrics")?;
+        let prefix = format!("packet_inspector_aggregator_{name} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .context(format!("no metric {name}"))?
+            .trim()
+            .parse()
+            .context("metric value")
+    }
+
+    /// Sends a request through the client sidecar, as the client pod's app would.
+    pub fn request(&self, head: &str, body: &[u8]) -> Result<http::Response> {
+        http::send(self.client_listener, head, body)
+    }
+
+    /// Every stored capture for `request_id` with `role` (`consumer` or `producer`).
+    pub fn captures(&self, role: &str, request_id: &str) -> Vec<CaptureFiles> {
+        let marker = format!("-{role}-{request_id}-");
+        let mut found: Vec<CaptureFiles> = std::fs::read_dir(&self.output_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| {
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                name.contains(&marker) && name.ends_with(".pcap")
+            })
+            .map(|pcap| CaptureFiles { bson: pcap.with_extension("bson"), pcap })
+            .filter(|files| files.bson.is_file())
+            .collect();
+        found.sort_by(|a, b| a.pcap.cmp(&b.pcap));
+        found
+    }
+
+    /// Waits for the capture of `request_id` seen with `role`.
+    pub fn wait_for_capture(&self, role: &str, request_id: &str) -> Result<CaptureFiles> {
+        wait_for(&format!("the {role} capture of request {request_id}"), Duration::from_secs(20), || {
+            self.captures(role, request_id).into_iter().next()
+        })
+    }
+
+    /// Stops everything with SIGTERM, in dependency order; fails if a component did not exit
+    /// cleanly. (Dropping a `Mesh` also stops everything, without the check.)
+    pub fn shutdown(mut self) -> Result<()> {
+        let mut unclean = Vec::new();
+        for slot in [&mut self.client_envoy, &mut self.server_envoy, &mut self.aggregator, &mut self.emulator] {
+            if let Some(mut process) = slot.take() {
+                match process.stop(Duration::from_secs(30)) {
+                    Some(status) if status.success() => {}
+                    status => unclean.push(format!("{} ({status:?})", process.name)),
+                }
+            }
+        }
+        if !unclean.is_empty() {
+            bail!("not stopped cleanly: {}", unclean.join(", "));
+        }
+        Ok(())
+    }
+
+    fn processes(&self) -> impl Iterator<Item = &Process> {
+        [&self.client_envoy, &self.server_envoy, &self.aggregator, &self.emulator].into_iter().flatten()
+    }
+
+    /// The tail of every component's log.
+    pub fn log_tails(&self, lines: usize) -> String {
+        self.processes().map(|p| format!("----- {} ({})\n{}\n", p.name, p.log.display(), p.tail(lines))).collect()
+    }
+
+    pub fn log_of(&self, name: &str) -> String {
+        self.processes().find(|p| p.name == name).map(Process::log_text).unwrap_or_default()
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() || self.failed {
+            eprintln!("end-to-end failure; component logs (kept under {}):\n{}", self.dir.display(), self.log_tails(40));
+        } else {
+            for slot in [&mut self.client_envoy, &mut self.server_envoy, &mut self.aggregator, &mut self.emulator] {
+                slot.take();
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn wait_listening(mut process: Process, port: u16) -> Result<Process> {
+    let up = wait_for(&format!("{} to listen on {port}", process.name), STARTUP, || {
+        if process.exited().is_some() {
+            return Some(false);
+        }
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| true)
+    });
+    match up {
+        Ok(true) => Ok(process),
+        Ok(false) => bail!("{} exited during startup:\n{}", process.name, process.tail(40)),
+        Err(err) => bail!("{err}:\n{}", process.tail(40)),
+    }
+}
+
+/// GET on a local plain-HTTP admin endpoint; the body as text.
+pub fn admin_get(port: u16, path: &str) -> Result<String> {
+    let response = http::send(SocketAddr::from(([127, 0, 0, 1], port)), &format!("GET {path} HTTP/1.1\r\nhost: admin"), b"")?;
+    if response.status != 200 {
+        bail!("GET {path} on :{port} answered {}", response.status);
+    }
+    Ok(String::from_utf8_lossy(&response.body).into_owned())
+}
