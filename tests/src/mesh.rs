@@ -30,6 +30,9 @@ pub const SERVER_WORKLOAD: &str = "reviews-v1";
 pub const AGGREGATOR_SAN: &str = "packet-inspector-aggregator.istio-system.svc";
 /// The analysis service's host as the aggregator is told it (and as its certificate says).
 pub const ANALYSIS_HOST: &str = "localhost";
+/// Root contexts per sidecar, each with its own capture stream: the one worker
+/// (`--concurrency 1`) and the main thread.
+pub const ROOT_CONTEXTS: u64 = 2;
 const STARTUP: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
@@ -169,7 +172,7 @@ impl Mesh {
         mesh.client_envoy = Some(mesh.start_envoy("client-sidecar", &samples.join("client-sidecar.yaml"), &client_values, mesh.client_admin)?);
         for sidecar in [Sidecar::Client, Sidecar::Server] {
             let ready = wait_for(&format!("{sidecar:?} sidecar's capture stream"), STARTUP, || {
-                mesh.counter(sidecar, "streams_ready").ok().filter(|n| *n >= 1)
+                mesh.counter(sidecar, "streams_ready").ok().filter(|n| *n >= ROOT_CONTEXTS)
             });
             if let Err(err) = ready {
                 bail!("{err}\n{}", mesh.log_tails(40));

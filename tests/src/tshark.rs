@@ -8,9 +8,10 @@ use crate::tools;
 
 /// One row per packet matching `filter`, one column per field. Multi-valued fields are
 /// joined with `\u{1f}` (unit separator) so header values containing commas survive.
+/// tshark's JSON output is used because it escapes what fields contain (bodies with newlines).
 pub fn fields(pcap: &Path, filter: &str, fields: &[&str]) -> Result<Vec<Vec<String>>> {
     let mut command = Command::new(tools::tshark()?);
-    command.args(["-r"]).arg(pcap).args(["-Y", filter, "-T", "fields", "-E", "separator=\u{1e}", "-E", "occurrence=a", "-E", "aggregator=\u{1f}"]);
+    command.arg("-r").arg(pcap).args(["-Y", filter, "-T", "json"]);
     for field in fields {
         command.args(["-e", field]);
     }
@@ -18,12 +19,32 @@ pub fn fields(pcap: &Path, filter: &str, fields: &[&str]) -> Result<Vec<Vec<Stri
     if !output.status.success() {
         bail!("tshark failed on {}: {}", pcap.display(), String::from_utf8_lossy(&output.stderr));
     }
-    let text = String::from_utf8_lossy(&output.stdout);
-    Ok(text.lines().map(|line| line.split('\u{1e}').map(str::to_owned).collect()).collect())
+    if output.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let packets: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("tshark JSON for {}: {}", pcap.display(), String::from_utf8_lossy(&output.stderr)))?;
+    let packets = packets.as_array().context("tshark JSON is not an array")?;
+    Ok(packets
+        .iter()
+        .map(|packet| {
+            let layers = &packet["_source"]["layers"];
+            fields
+                .iter()
+                .map(|field| match &layers[*field] {
+                    serde_json::Value::Array(values) => {
+                        values.iter().map(|v| v.as_str().unwrap_or_default().to_owned()).collect::<Vec<_>>().join("\u{1f}")
+                    }
+                    serde_json::Value::String(value) => value.clone(),
+                    _ => String::new(),
+                })
+                .collect()
+        })
+        .collect())
 }
 
-/// tshark's expert-info and malformed-packet complaints for a file (empty when clean).
+/// tshark's malformed-packet and expert warnings/errors for a file (empty when clean).
 pub fn problems(pcap: &Path) -> Result<Vec<String>> {
-    let rows = fields(pcap, "_ws.malformed || _ws.expert.severity >= warning", &["frame.number", "_ws.expert.message"])?;
+    let rows = fields(pcap, "_ws.malformed || _ws.expert.severity >= 6291456", &["frame.number", "_ws.expert.message"])?;
     Ok(rows.into_iter().map(|row| row.join(" ")).collect())
 }
