@@ -4,10 +4,7 @@
 
 use std::{env, io, path::PathBuf};
 
-const PROTOS: &[&str] = &[
-    "packetinspector/capture/v1/capture.proto",
-    "packetinspector/analysis/v1/analysis.proto",
-];
+const PROTOS: &[&str] = &["packetinspector/capture/v1/capture.proto", "packetinspector/analysis/v1/analysis.proto"];
 
 fn main() -> io::Result<()> {
     let include = PathBuf::from(env::var("CARGO_MANIFEST_DIR").map_err(io::Error::other)?).join("proto");
@@ -16,12 +13,8 @@ fn main() -> io::Result<()> {
     }
     let descriptors = protox::compile(PROTOS, [&include]).map_err(io::Error::other)?;
     if env::var_os("CARGO_FEATURE_GRPC").is_some() {
-        tonic_prost_build::configure()
-            .build_client(true)
-            .build_server(true)
-            .compile_fds(descriptors)
+        tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(descriptors)
     } else {
-        prost_build::Config::new()
-            .compile_fds(descriptors)
+        prost_build::Config::new().compile_fds(descriptors)
     }
 }

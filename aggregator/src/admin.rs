@@ -23,7 +23,10 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut request = [0u8; 1024];
-            let Ok(Ok(n)) = tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut request)).await else { return };
+            let Ok(Ok(n)) = tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut request)).await
+            else {
+                return;
+            };
             let line = String::from_utf8_lossy(&request[..n]);
             let path = line.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = match path {

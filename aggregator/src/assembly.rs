@@ -155,7 +155,12 @@ impl Assembler {
         Ok(None)
     }
 
-    fn start(&mut self, id: u64, at: u64, mut metadata: TransactionMetadata) -> Result<Option<Transaction>, AssemblyError> {
+    fn start(
+        &mut self,
+        id: u64,
+        at: u64,
+        mut metadata: TransactionMetadata,
+    ) -> Result<Option<Transaction>, AssemblyError> {
         if self.open.len() >= self.limits.max_open_transactions {
             return Err(AssemblyError::TooManyOpen(self.open.len(), id));
         }
@@ -176,10 +181,7 @@ impl Assembler {
     /// The stream ended: every open transaction is finished as aborted, so what was seen is
     /// still delivered (flagged) rather than lost.
     pub fn drain(&mut self) -> Vec<Transaction> {
-        self.open
-            .drain()
-            .map(|(_, open)| Transaction { end_reason: EndReason::Aborted, ..open.transaction })
-            .collect()
+        self.open.drain().map(|(_, open)| Transaction { end_reason: EndReason::Aborted, ..open.transaction }).collect()
     }
 }
 
@@ -209,7 +211,13 @@ mod tests {
     }
 
     fn start(id: u64) -> Frame {
-        frame(id, 1, Kind::Start(TransactionStart { metadata: Some(TransactionMetadata { request_id: format!("r{id}"), ..Default::default() }) }))
+        frame(
+            id,
+            1,
+            Kind::Start(TransactionStart {
+                metadata: Some(TransactionMetadata { request_id: format!("r{id}"), ..Default::default() }),
+            }),
+        )
     }
 
     fn headers(id: u64, direction: Direction, name: &str) -> Frame {
@@ -218,7 +226,16 @@ mod tests {
     }
 
     fn body(id: u64, direction: Direction, data: &[u8], truncated: u64) -> Frame {
-        frame(id, 3, Kind::Body(BodyChunk { direction: direction as i32, data: data.to_vec(), truncated_bytes: truncated, end_of_stream: false }))
+        frame(
+            id,
+            3,
+            Kind::Body(BodyChunk {
+                direction: direction as i32,
+                data: data.to_vec(),
+                truncated_bytes: truncated,
+                end_of_stream: false,
+            }),
+        )
     }
 
     fn end(id: u64) -> Frame {
@@ -229,9 +246,15 @@ mod tests {
     #[test]
     fn interleaved_transactions_assemble_separately() {
         let mut assembler = Assembler::new(LIMITS);
-        for f in [start(1), start(2), headers(1, Direction::Request, "a"), headers(2, Direction::Request, "b"),
-                  body(1, Direction::Request, b"xy", 0), body(1, Direction::Request, b"z", 5),
-                  headers(1, Direction::Response, "c")] {
+        for f in [
+            start(1),
+            start(2),
+            headers(1, Direction::Request, "a"),
+            headers(2, Direction::Request, "b"),
+            body(1, Direction::Request, b"xy", 0),
+            body(1, Direction::Request, b"z", 5),
+            headers(1, Direction::Response, "c"),
+        ] {
             assert_eq!(assembler.accept(f).unwrap(), None);
         }
         let done = assembler.accept(end(1)).unwrap().unwrap();
@@ -255,7 +278,10 @@ mod tests {
         assert_eq!(assembler.accept(start(3)), Err(AssemblyError::TooManyOpen(2, 3)));
         assert_eq!(assembler.accept(body(1, Direction::Request, &[0; 101], 0)), Err(AssemblyError::TooLarge(1, 100)));
         assert_eq!(assembler.accept(end(1)), Err(AssemblyError::Orphan(1)), "a discarded transaction is gone");
-        assert_eq!(assembler.accept(Frame { transaction_id: 2, timestamp_ns: 0, kind: None }), Err(AssemblyError::Empty(2)));
+        assert_eq!(
+            assembler.accept(Frame { transaction_id: 2, timestamp_ns: 0, kind: None }),
+            Err(AssemblyError::Empty(2))
+        );
     }
 
     #[test]

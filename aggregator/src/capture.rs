@@ -65,7 +65,8 @@ pub fn build(transaction: Transaction, node: &str) -> Result<Capture, CaptureErr
         pieces.extend(http1::response(response).into_iter().map(|p| (Side::Server, p)));
     }
     let open_ns = metadata.start_time_ns;
-    let records = tcp::conversation(client, server, pieces, open_ns, transaction.end_ns, open_ns ^ metadata.connection_id)?;
+    let records =
+        tcp::conversation(client, server, pieces, open_ns, transaction.end_ns, open_ns ^ metadata.connection_id)?;
     Ok(Capture {
         http: Some(HttpExchange {
             request: Some(http_message(&transaction.request)),

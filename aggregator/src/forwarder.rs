@@ -88,7 +88,10 @@ async fn submit(mut client: AnalysisServiceClient<Channel>, capture: Capture, me
             }
             // Transport trouble (unreachable, TLS refused, reset) is worth retrying; a refusal
             // by the service itself is not.
-            Err(status) if matches!(status.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded) && attempt < ATTEMPTS => {
+            Err(status)
+                if matches!(status.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded)
+                    && attempt < ATTEMPTS =>
+            {
                 tracing::debug!(%request_id, attempt, error = %status, "analysis service unavailable; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;

@@ -56,7 +56,8 @@ fn message_pieces(mut head: Vec<u8>, message: &HttpMessage, is_request: bool, ex
         .is_some_and(|te| te.to_ascii_lowercase().windows(7).any(|w| w == b"chunked"));
     let framing = if chunked_on_wire || !message.trailers.is_empty() {
         Framing::Chunked
-    } else if message.header(b"content-length").is_some() || message.truncated_bytes > 0 || (is_request && body_len > 0) {
+    } else if message.header(b"content-length").is_some() || message.truncated_bytes > 0 || (is_request && body_len > 0)
+    {
         Framing::Length(body_len)
     } else {
         // A response without length: delimited by the end of the connection, as on the wire.
@@ -154,13 +155,23 @@ mod tests {
     #[test]
     fn get_request_golden() {
         let message = HttpMessage {
-            headers: vec![h(":authority", b"reviews:9080"), h(":path", b"/r/1?x=1"), h(":method", b"GET"), h("accept", b"*/*"), h("x-dup", b"1"), h("x-dup", b"2")],
+            headers: vec![
+                h(":authority", b"reviews:9080"),
+                h(":path", b"/r/1?x=1"),
+                h(":method", b"GET"),
+                h("accept", b"*/*"),
+                h("x-dup", b"1"),
+                h("x-dup", b"2"),
+            ],
             headers_ns: 5,
             ..Default::default()
         };
         let pieces = request(&message);
         assert_eq!(pieces.len(), 1);
-        assert_eq!(text(&pieces), "GET /r/1?x=1 HTTP/1.1\r\nhost: reviews:9080\r\naccept: */*\r\nx-dup: 1\r\nx-dup: 2\r\n\r\n");
+        assert_eq!(
+            text(&pieces),
+            "GET /r/1?x=1 HTTP/1.1\r\nhost: reviews:9080\r\naccept: */*\r\nx-dup: 1\r\nx-dup: 2\r\n\r\n"
+        );
         assert_eq!(pieces[0].timestamp_ns, 5);
     }
 
@@ -201,14 +212,22 @@ mod tests {
             ..Default::default()
         };
         let pieces = response(&message);
-        assert_eq!(text(&pieces), "HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-checksum: 1\r\n\r\n");
+        assert_eq!(
+            text(&pieces),
+            "HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-checksum: 1\r\n\r\n"
+        );
         assert_eq!(pieces.last().unwrap().timestamp_ns, 3);
     }
 
     #[test]
     fn hostile_bytes_cannot_break_framing() {
         let message = HttpMessage {
-            headers: vec![h(":method", b"GET"), h(":path", b"/a b\r\n"), h("x-evil", b"a\r\nInjected: 1"), h(":status", b"bogus")],
+            headers: vec![
+                h(":method", b"GET"),
+                h(":path", b"/a b\r\n"),
+                h("x-evil", b"a\r\nInjected: 1"),
+                h(":status", b"bogus"),
+            ],
             ..Default::default()
         };
         let text = text(&request(&message));

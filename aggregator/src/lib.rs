@@ -53,14 +53,18 @@ pub async fn run(
     let channel = tls::connect_lazy(&host, port, tls::client_config(&args.analysis_ca, None)?, Duration::from_secs(5))?;
 
     let metrics = Arc::new(Metrics::default());
-    let (forwarder, delivery) = Forwarder::start(channel, args.forward_queue, args.forward_concurrency, metrics.clone());
+    let (forwarder, delivery) =
+        Forwarder::start(channel, args.forward_queue, args.forward_concurrency, metrics.clone());
     if let Some(admin) = admin {
         tokio::spawn(admin::serve(admin, metrics.clone(), shutdown.clone()));
     }
     let service = CaptureServer {
         forwarder,
         metrics: metrics.clone(),
-        limits: Limits { max_open_transactions: args.max_open_transactions, max_transaction_bytes: args.max_transaction_bytes },
+        limits: Limits {
+            max_open_transactions: args.max_open_transactions,
+            max_transaction_bytes: args.max_transaction_bytes,
+        },
         node: args.node_name.clone(),
         shutdown: shutdown.clone(),
     };

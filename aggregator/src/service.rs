@@ -87,7 +87,12 @@ impl CaptureService for CaptureServer {
             .map_or_else(|| "unknown".to_owned(), |addr| addr.to_string());
         let mut inbound = request.into_inner();
         let (acks, rx) = mpsc::channel(ACK_BACKLOG);
-        let task = StreamTask { forwarder: self.forwarder.clone(), metrics: self.metrics.clone(), node: self.node.clone(), peer };
+        let task = StreamTask {
+            forwarder: self.forwarder.clone(),
+            metrics: self.metrics.clone(),
+            node: self.node.clone(),
+            peer,
+        };
         let (limits, shutdown) = (self.limits, self.shutdown.clone());
         tracing::info!(peer = %task.peer, "filter stream opened");
         Metrics::add(&task.metrics.streams_total, 1);

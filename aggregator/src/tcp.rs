@@ -268,7 +268,9 @@ mod tests {
         let records = conversation(client, server, vec![(Side::Client, piece(1, b"payload"))], 0, 2, 7).unwrap();
         for record in &records {
             let packet = SlicedPacket::from_ethernet(&record.data).unwrap();
-            let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(tcp))) = (packet.net, packet.transport) else { panic!() };
+            let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(tcp))) = (packet.net, packet.transport) else {
+                panic!()
+            };
             let header = ip.header().to_header();
             assert_eq!(header.header_checksum, header.calc_header_checksum());
             let expected = tcp.to_header().calc_checksum_ipv4(&header, tcp.payload()).unwrap();

@@ -145,7 +145,11 @@ async fn metric(admin_port: u16, name: &str) -> u64 {
 }
 
 /// Polls `check` every 50 ms until it holds, failing after `timeout`.
-async fn eventually<F: std::future::Future<Output = bool>>(what: &str, timeout: Duration, mut check: impl FnMut() -> F) {
+async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> F,
+) {
     let deadline = tokio::time::Instant::now() + timeout;
     while !check().await {
         assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");

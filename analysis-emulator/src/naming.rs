@@ -23,7 +23,11 @@ pub fn sanitize(component: &str) -> String {
         out.replace_range(0..1, "_");
     }
     let out = out.replace("..", "__");
-    if out.is_empty() { "unknown".to_owned() } else { out }
+    if out.is_empty() {
+        "unknown".to_owned()
+    } else {
+        out
+    }
 }
 
 fn role(role: Role) -> &'static str {
@@ -70,7 +74,10 @@ mod tests {
     fn hostile_metadata_cannot_escape_the_directory() {
         for hostile in ["../../etc/passwd", "/abs", "..", ".hidden", "a/../b", "\0", "ü…", ""] {
             let name = sanitize(hostile);
-            assert!(!name.contains('/') && !name.contains("..") && !name.starts_with('.') && !name.is_empty(), "{hostile:?} → {name:?}");
+            assert!(
+                !name.contains('/') && !name.contains("..") && !name.starts_with('.') && !name.is_empty(),
+                "{hostile:?} → {name:?}"
+            );
         }
         assert_eq!(sanitize(&"x".repeat(500)).len(), MAX_COMPONENT);
         let metadata = TransactionMetadata { pod_name: "../x".into(), request_id: "a/b".into(), ..Default::default() };

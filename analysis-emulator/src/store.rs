@@ -106,7 +106,11 @@ pub fn document(capture: &Capture) -> Result<Document, StoreError> {
     })
 }
 
-fn write_atomically(dir: &Path, name: &str, write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>) -> Result<(), StoreError> {
+fn write_atomically(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>,
+) -> Result<(), StoreError> {
     let path = dir.join(name);
     let temporary = dir.join(format!(".{name}.partial"));
     let io_error = |source| StoreError::Io { path: path.clone(), source };

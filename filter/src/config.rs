@@ -121,12 +121,18 @@ impl Config {
             return invalid("flushIntervalMs", format!("is {}; must be 10 to 10000", raw.flush_interval_ms));
         }
         if !(4096..=GRPC_MESSAGE_LIMIT * 3 / 4).contains(&raw.max_batch_bytes) {
-            return invalid("maxBatchBytes", format!("is {}; must be 4096 to {}", raw.max_batch_bytes, GRPC_MESSAGE_LIMIT * 3 / 4));
+            return invalid(
+                "maxBatchBytes",
+                format!("is {}; must be 4096 to {}", raw.max_batch_bytes, GRPC_MESSAGE_LIMIT * 3 / 4),
+            );
         }
         if raw.max_buffer_bytes < raw.max_batch_bytes || raw.max_buffer_bytes > 256 * 1024 * 1024 {
             return invalid(
                 "maxBufferBytes",
-                format!("is {}; must be at least maxBatchBytes ({}) and at most 268435456", raw.max_buffer_bytes, raw.max_batch_bytes),
+                format!(
+                    "is {}; must be at least maxBatchBytes ({}) and at most 268435456",
+                    raw.max_buffer_bytes, raw.max_batch_bytes
+                ),
             );
         }
         if !(1..=64).contains(&raw.max_batches_in_flight) {
@@ -172,7 +178,10 @@ mod tests {
         .unwrap();
         assert_eq!((config.max_body_bytes, config.flush_interval_ms, config.max_batch_bytes), (10, 50, 8192));
         assert_eq!((config.max_buffer_bytes, config.max_batches_in_flight), (16384, 2));
-        assert_eq!((config.role, config.gateway, config.labels), (RoleSetting::Producer, true, vec!["tier".to_string()]));
+        assert_eq!(
+            (config.role, config.gateway, config.labels),
+            (RoleSetting::Producer, true, vec!["tier".to_string()])
+        );
     }
 
     #[test]

@@ -54,7 +54,11 @@ fn owned(data: *mut u8, len: usize) -> Option<Vec<u8>> {
 }
 
 fn check(status: u32) -> Result<(), HostStatus> {
-    if status == OK { Ok(()) } else { Err(HostStatus(status)) }
+    if status == OK {
+        Ok(())
+    } else {
+        Err(HostStatus(status))
+    }
 }
 
 /// A property by path (e.g. `["xds", "node", "metadata", "NAME"]`); `Ok(None)` when absent.
@@ -101,7 +105,8 @@ pub fn buffer(buffer_type: BufferType, start: usize, max: usize) -> Result<Vec<u
 /// registers only there. Envoy answers it with Ok, ParseFailure (unknown cluster) or
 /// InternalFailure, all of which the SDK returns as values rather than panicking on.
 pub fn open_grpc_stream(cluster: &str, service: &str, method: &str) -> Result<u32, HostStatus> {
-    proxy_wasm::hostcalls::open_grpc_stream(cluster, service, method, Vec::new()).map_err(|status| HostStatus(status as u32))
+    proxy_wasm::hostcalls::open_grpc_stream(cluster, service, method, Vec::new())
+        .map_err(|status| HostStatus(status as u32))
 }
 
 pub fn grpc_send(token: u32, message: &[u8]) -> Result<(), HostStatus> {

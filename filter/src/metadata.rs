@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use packet_inspector_proto::capture::{Header, Protocol, Role, SocketAddress};
 
-use crate::config::RoleSetting;
+use crate::{config::RoleSetting, pairs::Pair};
 
 /// `xds.listener_direction` values (Envoy's `envoy.config.core.v3.TrafficDirection`).
 const INBOUND: i64 = 1;
@@ -26,7 +26,7 @@ pub fn property_text(value: Option<&[u8]>) -> String {
 }
 
 /// Keeps the `selected` labels of a pairs-encoded `LABELS` struct.
-pub fn select_labels(pairs: &[(&[u8], &[u8])], selected: &[String]) -> HashMap<String, String> {
+pub fn select_labels(pairs: &[Pair<'_>], selected: &[String]) -> HashMap<String, String> {
     pairs
         .iter()
         .filter_map(|(key, value)| Some((std::str::from_utf8(key).ok()?, std::str::from_utf8(value).ok()?)))
@@ -80,10 +80,7 @@ mod tests {
 
     #[test]
     fn addresses_v4_and_v6() {
-        assert_eq!(
-            socket_address(Some(b"10.1.2.3:8080")),
-            Some(SocketAddress { ip: "10.1.2.3".into(), port: 8080 })
-        );
+        assert_eq!(socket_address(Some(b"10.1.2.3:8080")), Some(SocketAddress { ip: "10.1.2.3".into(), port: 8080 }));
         assert_eq!(socket_address(Some(b"[fd00::1]:443")), Some(SocketAddress { ip: "fd00::1".into(), port: 443 }));
         assert_eq!(socket_address(Some(b"/var/run/sock")), None);
         assert_eq!(socket_address(None), None);
@@ -99,7 +96,8 @@ mod tests {
 
     #[test]
     fn labels_are_selected_and_non_utf8_skipped() {
-        let pairs: Vec<(&[u8], &[u8])> = vec![(b"app", b"reviews"), (b"pod-template-hash", b"abc"), (b"version", &[0xff])];
+        let pairs: Vec<(&[u8], &[u8])> =
+            vec![(b"app", b"reviews"), (b"pod-template-hash", b"abc"), (b"version", &[0xff])];
         let labels = select_labels(&pairs, &["app".into(), "version".into()]);
         assert_eq!(labels, HashMap::from([("app".to_string(), "reviews".to_string())]));
     }

@@ -15,6 +15,9 @@ fn read_u32(bytes: &[u8], at: usize) -> Result<usize, MalformedPairs> {
     Ok(u32::from_le_bytes(array) as usize)
 }
 
+/// One (key, value) pair, borrowed from the buffer.
+pub type Pair<'a> = (&'a [u8], &'a [u8]);
+
 /// The `len` bytes at `start`, and where the next field starts (past the NUL).
 fn field(bytes: &[u8], start: usize, len: usize) -> Result<(&[u8], usize), MalformedPairs> {
     let end = start.checked_add(len).ok_or(MalformedPairs)?;
@@ -25,7 +28,7 @@ fn field(bytes: &[u8], start: usize, len: usize) -> Result<(&[u8], usize), Malfo
 ///
 /// # Errors
 /// [`MalformedPairs`] when a length runs past the end of the buffer.
-pub fn decode(bytes: &[u8]) -> Result<Vec<(&[u8], &[u8])>, MalformedPairs> {
+pub fn decode(bytes: &[u8]) -> Result<Vec<Pair<'_>>, MalformedPairs> {
     if bytes.is_empty() {
         return Ok(Vec::new());
     }

@@ -72,10 +72,17 @@ pub trait Host {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stream {
     /// No stream; try again at `retry_at_ns`.
-    Down { retry_at_ns: u64 },
+    Down {
+        retry_at_ns: u64,
+    },
     /// Opened, waiting for the aggregator's response headers.
-    Connecting { token: u32, since_ns: u64 },
-    Ready { token: u32 },
+    Connecting {
+        token: u32,
+        since_ns: u64,
+    },
+    Ready {
+        token: u32,
+    },
 }
 
 const INITIAL_BACKOFF_NS: u64 = 100_000_000;
@@ -182,7 +189,11 @@ impl Pipeline {
                 match fate {
                     Fate::Recording => {
                         self.drop_capture(host);
-                        if is_start { Fate::Abandoned } else { Fate::Damaged }
+                        if is_start {
+                            Fate::Abandoned
+                        } else {
+                            Fate::Damaged
+                        }
                     }
                     other => other,
                 }

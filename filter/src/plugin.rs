@@ -177,7 +177,9 @@ fn read_node_identity(config: &Config) -> NodeIdentity {
 fn headers(map_type: MapType) -> Vec<Header> {
     let Ok(bytes) = host::header_map(map_type) else { return Vec::new() };
     match pairs::decode(&bytes) {
-        Ok(pairs) => pairs.into_iter().map(|(name, value)| Header { name: name.to_vec(), value: value.to_vec() }).collect(),
+        Ok(pairs) => {
+            pairs.into_iter().map(|(name, value)| Header { name: name.to_vec(), value: value.to_vec() }).collect()
+        }
         Err(_) => Vec::new(),
     }
 }
@@ -204,9 +206,10 @@ impl CaptureHttp {
         let Some(id) = shared.with_pipeline(|p, h| p.begin(h)) else { return };
         let now = now_ns();
         let role = match shared.config.role {
-            crate::config::RoleSetting::Auto => {
-                metadata::role(shared.config.role, metadata::property_i64(property(&["xds", "listener_direction"]).as_deref()))
-            }
+            crate::config::RoleSetting::Auto => metadata::role(
+                shared.config.role,
+                metadata::property_i64(property(&["xds", "listener_direction"]).as_deref()),
+            ),
             setting => metadata::role(setting, None),
         };
         let node = &shared.node;
@@ -273,7 +276,9 @@ impl HttpContext for CaptureHttp {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
-        self.record(|txn, now| Some(txn.headers(now, Direction::Response, headers(MapType::HttpResponseHeaders), end_of_stream)));
+        self.record(|txn, now| {
+            Some(txn.headers(now, Direction::Response, headers(MapType::HttpResponseHeaders), end_of_stream))
+        });
         Action::Continue
     }
 

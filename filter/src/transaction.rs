@@ -49,7 +49,13 @@ impl HttpTransaction {
         self.frame(timestamp_ns, Kind::Start(TransactionStart { metadata: Some(metadata) }))
     }
 
-    pub fn headers(&mut self, timestamp_ns: u64, direction: Direction, headers: Vec<Header>, end_of_stream: bool) -> Frame {
+    pub fn headers(
+        &mut self,
+        timestamp_ns: u64,
+        direction: Direction,
+        headers: Vec<Header>,
+        end_of_stream: bool,
+    ) -> Frame {
         self.state(direction).finished |= end_of_stream;
         self.frame(timestamp_ns, Kind::Headers(Headers { direction: direction as i32, headers, end_of_stream }))
     }
@@ -67,7 +73,14 @@ impl HttpTransaction {
 
     /// A body chunk of `chunk_len` bytes of which `data` (at most the budget) was read.
     /// Returns `None` for an empty, non-final chunk (nothing to tell).
-    pub fn body(&mut self, timestamp_ns: u64, direction: Direction, data: Vec<u8>, chunk_len: usize, end_of_stream: bool) -> Option<Frame> {
+    pub fn body(
+        &mut self,
+        timestamp_ns: u64,
+        direction: Direction,
+        data: Vec<u8>,
+        chunk_len: usize,
+        end_of_stream: bool,
+    ) -> Option<Frame> {
         if chunk_len == 0 && !end_of_stream {
             return None;
         }
@@ -83,7 +96,10 @@ impl HttpTransaction {
 
     pub fn trailers(&mut self, timestamp_ns: u64, direction: Direction, trailers: Vec<Header>) -> Frame {
         self.state(direction).finished = true;
-        self.frame(timestamp_ns, Kind::Trailers(Headers { direction: direction as i32, headers: trailers, end_of_stream: true }))
+        self.frame(
+            timestamp_ns,
+            Kind::Trailers(Headers { direction: direction as i32, headers: trailers, end_of_stream: true }),
+        )
     }
 
     /// The end frame: complete when both directions finished, else aborted; damaged captures

@@ -22,10 +22,10 @@ mod packetinspector {
     }
 }
 
-/// `packetinspector.capture.v1`: frames of HTTP transactions as the filter saw them.
-pub use packetinspector::capture::v1 as capture;
 /// `packetinspector.analysis.v1`: finished captures with their pcap records.
 pub use packetinspector::analysis::v1 as analysis;
+/// `packetinspector.capture.v1`: frames of HTTP transactions as the filter saw them.
+pub use packetinspector::capture::v1 as capture;
 
 pub mod pcap;
 

@@ -32,15 +32,12 @@ pub fn write_header<W: Write>(out: &mut W, link_type: u32) -> io::Result<()> {
 /// `InvalidInput` when the packet is larger than [`SNAPLEN`], rather than writing a record
 /// readers would reject.
 pub fn write_record<W: Write>(out: &mut W, record: &PcapRecord) -> io::Result<()> {
-    let len = u32::try_from(record.data.len())
-        .ok()
-        .filter(|len| *len <= SNAPLEN)
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("pcap record of {} bytes exceeds the snap length {SNAPLEN}", record.data.len()),
-            )
-        })?;
+    let len = u32::try_from(record.data.len()).ok().filter(|len| *len <= SNAPLEN).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("pcap record of {} bytes exceeds the snap length {SNAPLEN}", record.data.len()),
+        )
+    })?;
     let seconds = u32::try_from(record.timestamp_ns / 1_000_000_000).unwrap_or(u32::MAX);
     let nanos = (record.timestamp_ns % 1_000_000_000) as u32;
     out.write_all(&seconds.to_le_bytes())?;

@@ -21,9 +21,7 @@ use std::{
     time::Duration,
 };
 
-use rustls::{
-    server::WebPkiClientVerifier, ClientConfig, RootCertStore, ServerConfig,
-};
+use rustls::{server::WebPkiClientVerifier, ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -104,12 +102,9 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 pub fn server_config(identity: &Identity, client_ca: Option<&Path>) -> Result<ServerConfig, TlsError> {
     let certs = load_certificates(&identity.cert_chain)?;
     let key = load_key(&identity.private_key)?;
-    let builder = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|source| TlsError::KeyMismatch {
-            cert: identity.cert_chain.clone(),
-            key: identity.private_key.clone(),
-            source,
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().map_err(|source| {
+            TlsError::KeyMismatch { cert: identity.cert_chain.clone(), key: identity.private_key.clone(), source }
         })?;
     let builder = match client_ca {
         Some(ca) => {
@@ -261,7 +256,12 @@ pub fn client_config(ca: &Path, identity: Option<&Identity>) -> Result<ClientCon
 ///
 /// # Errors
 /// When `host` is not a DNS name.
-pub fn connect_lazy(host: &str, port: u16, config: ClientConfig, connect_timeout: Duration) -> Result<Channel, TlsError> {
+pub fn connect_lazy(
+    host: &str,
+    port: u16,
+    config: ClientConfig,
+    connect_timeout: Duration,
+) -> Result<Channel, TlsError> {
     let server_name = match ServerName::try_from(host.to_owned()) {
         Ok(name @ ServerName::DnsName(_)) => name,
         _ => return Err(TlsError::NotADnsName { host: host.to_owned() }),

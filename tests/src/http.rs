@@ -21,7 +21,8 @@ pub struct Response {
 /// Sends `head` (request line and headers, without the blank line; `connection: close` is
 /// added) and `body`, and reads the whole response.
 pub fn send(to: SocketAddr, head: &str, body: &[u8]) -> Result<Response> {
-    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5)).with_context(|| format!("connecting to {to}"))?;
+    let mut stream =
+        TcpStream::connect_timeout(&to, Duration::from_secs(5)).with_context(|| format!("connecting to {to}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(20)))?;
     let local_addr = stream.local_addr()?;
     let mut request = head.trim_end().as_bytes().to_vec();
@@ -35,7 +36,8 @@ pub fn send(to: SocketAddr, head: &str, body: &[u8]) -> Result<Response> {
     };
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
-    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).context("status line")?;
+    let status =
+        lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).context("status line")?;
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().as_bytes().to_vec()))

@@ -163,13 +163,25 @@ impl Mesh {
                 ("FILTER_CONFIG", filter_config.clone()),
             ]
         };
-        let mut server_values = common(&certs.join("server"), mesh.server_admin, mesh.server_listener.port(), mesh._app.port);
+        let mut server_values =
+            common(&certs.join("server"), mesh.server_admin, mesh.server_listener.port(), mesh._app.port);
         server_values.extend([("POD_NAME", SERVER_POD.to_owned()), ("WORKLOAD", SERVER_WORKLOAD.to_owned())]);
-        let mut client_values = common(&certs.join("client"), mesh.client_admin, mesh.client_listener.port(), mesh.server_listener.port());
+        let mut client_values =
+            common(&certs.join("client"), mesh.client_admin, mesh.client_listener.port(), mesh.server_listener.port());
         client_values.extend([("POD_NAME", CLIENT_POD.to_owned()), ("WORKLOAD", CLIENT_WORKLOAD.to_owned())]);
         let samples = workspace_root().join("samples/local-demo");
-        mesh.server_envoy = Some(mesh.start_envoy("server-sidecar", &samples.join("server-sidecar.yaml"), &server_values, mesh.server_admin)?);
-        mesh.client_envoy = Some(mesh.start_envoy("client-sidecar", &samples.join("client-sidecar.yaml"), &client_values, mesh.client_admin)?);
+        mesh.server_envoy = Some(mesh.start_envoy(
+            "server-sidecar",
+            &samples.join("server-sidecar.yaml"),
+            &server_values,
+            mesh.server_admin,
+        )?);
+        mesh.client_envoy = Some(mesh.start_envoy(
+            "client-sidecar",
+            &samples.join("client-sidecar.yaml"),
+            &client_values,
+            mesh.client_admin,
+        )?);
         for sidecar in [Sidecar::Client, Sidecar::Server] {
             let ready = wait_for(&format!("{sidecar:?} sidecar's capture stream"), STARTUP, || {
                 mesh.counter(sidecar, "streams_ready").ok().filter(|n| *n >= ROOT_CONTEXTS)
@@ -187,10 +199,15 @@ impl Mesh {
         let config = self.dir.join(format!("{name}.yaml"));
         std::fs::write(&config, render(&template, values)?)?;
         let mut command = Command::new(tools::envoy()?);
-        command
-            .arg("-c")
-            .arg(&config)
-            .args(["--concurrency", "1", "--disable-hot-restart", "--log-level", "info", "--component-log-level", "wasm:debug"]);
+        command.arg("-c").arg(&config).args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--log-level",
+            "info",
+            "--component-log-level",
+            "wasm:debug",
+        ]);
         let mut process = Process::spawn(name, command, &self.dir.join(format!("{name}.log")))?;
         let ready = wait_for(&format!("{name} to be ready"), STARTUP, || {
             if process.exited().is_some() {
@@ -342,7 +359,11 @@ impl Mesh {
 impl Drop for Mesh {
     fn drop(&mut self) {
         if std::thread::panicking() || self.failed {
-            eprintln!("end-to-end failure; component logs (kept under {}):\n{}", self.dir.display(), self.log_tails(40));
+            eprintln!(
+                "end-to-end failure; component logs (kept under {}):\n{}",
+                self.dir.display(),
+                self.log_tails(40)
+            );
         } else {
             for slot in [&mut self.client_envoy, &mut self.server_envoy, &mut self.aggregator, &mut self.emulator] {
                 slot.take();
@@ -368,7 +389,8 @@ fn wait_listening(mut process: Process, port: u16) -> Result<Process> {
 
 /// GET on a local plain-HTTP admin endpoint; the body as text.
 pub fn admin_get(port: u16, path: &str) -> Result<String> {
-    let response = http::send(SocketAddr::from(([127, 0, 0, 1], port)), &format!("GET {path} HTTP/1.1\r\nhost: admin"), b"")?;
+    let response =
+        http::send(SocketAddr::from(([127, 0, 0, 1], port)), &format!("GET {path} HTTP/1.1\r\nhost: admin"), b"")?;
     if response.status != 200 {
         bail!("GET {path} on :{port} answered {}", response.status);
     }

@@ -18,7 +18,11 @@ pub struct Process {
 impl Process {
     /// Starts `command` with stdout and stderr appended to `log`.
     pub fn spawn(name: &str, mut command: Command, log: &Path) -> Result<Self> {
-        let out = File::options().create(true).append(true).open(log).with_context(|| format!("creating {}", log.display()))?;
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         let child = command
             .stdin(Stdio::null())

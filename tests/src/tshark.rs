@@ -32,9 +32,11 @@ pub fn fields(pcap: &Path, filter: &str, fields: &[&str]) -> Result<Vec<Vec<Stri
             fields
                 .iter()
                 .map(|field| match &layers[*field] {
-                    serde_json::Value::Array(values) => {
-                        values.iter().map(|v| v.as_str().unwrap_or_default().to_owned()).collect::<Vec<_>>().join("\u{1f}")
-                    }
+                    serde_json::Value::Array(values) => values
+                        .iter()
+                        .map(|v| v.as_str().unwrap_or_default().to_owned())
+                        .collect::<Vec<_>>()
+                        .join("\u{1f}"),
                     serde_json::Value::String(value) => value.clone(),
                     _ => String::new(),
                 })
@@ -45,6 +47,7 @@ pub fn fields(pcap: &Path, filter: &str, fields: &[&str]) -> Result<Vec<Vec<Stri
 
 /// tshark's malformed-packet and expert warnings/errors for a file (empty when clean).
 pub fn problems(pcap: &Path) -> Result<Vec<String>> {
-    let rows = fields(pcap, "_ws.malformed || _ws.expert.severity >= 6291456", &["frame.number", "_ws.expert.message"])?;
+    let rows =
+        fields(pcap, "_ws.malformed || _ws.expert.severity >= 6291456", &["frame.number", "_ws.expert.message"])?;
     Ok(rows.into_iter().map(|row| row.join(" ")).collect())
 }

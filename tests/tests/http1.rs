@@ -49,19 +49,36 @@ fn binary(document: &Document, key: &str) -> Vec<u8> {
 
 /// The bytes the client sent, reassembled from tshark's per-segment `tcp.payload` hex.
 fn client_payload(files: &CaptureFiles, client_port: &str) -> Vec<u8> {
-    let rows = tshark::fields(&files.pcap, &format!("tcp.srcport == {client_port} && tcp.len > 0"), &["tcp.payload"]).unwrap();
+    let rows =
+        tshark::fields(&files.pcap, &format!("tcp.srcport == {client_port} && tcp.len > 0"), &["tcp.payload"]).unwrap();
     let hex: String = rows.into_iter().flatten().collect::<Vec<_>>().concat();
     (0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect()
 }
 
 /// Checks one stored capture with tshark and by reading its BSON back.
-fn check_capture(mesh: &Mesh, files: &CaptureFiles, role: &str, request_id: &str, response: &Response, expect: &Expect) {
+fn check_capture(
+    mesh: &Mesh,
+    files: &CaptureFiles,
+    role: &str,
+    request_id: &str,
+    response: &Response,
+    expect: &Expect,
+) {
     let context = format!("{role} capture {}", files.pcap.display());
     // The packets, as Wireshark decodes them.
     let requests = tshark::fields(
         &files.pcap,
         "http.request",
-        &["ip.src", "tcp.srcport", "ip.dst", "tcp.dstport", "http.request.method", "http.request.uri", "http.request.line", "http.file_data"],
+        &[
+            "ip.src",
+            "tcp.srcport",
+            "ip.dst",
+            "tcp.dstport",
+            "http.request.method",
+            "http.request.uri",
+            "http.request.line",
+            "http.file_data",
+        ],
     )
     .unwrap();
     assert_eq!(requests.len(), 1, "{context}: one request expected, got {requests:?}");
@@ -69,23 +86,35 @@ fn check_capture(mesh: &Mesh, files: &CaptureFiles, role: &str, request_id: &str
     assert_eq!((request[4].as_str(), request[5].as_str()), (expect.method, expect.uri), "{context}");
     let lines: Vec<&str> = request[6].split('\u{1f}').collect();
     for wanted in expect.request_header_lines {
-        assert!(lines.iter().any(|line| line.trim_end() == *wanted), "{context}: no header line {wanted:?} in {lines:?}");
+        assert!(
+            lines.iter().any(|line| line.trim_end() == *wanted),
+            "{context}: no header line {wanted:?} in {lines:?}"
+        );
     }
     assert!(lines.iter().any(|line| line.starts_with(&format!("x-request-id: {request_id}"))), "{context}: {lines:?}");
     let client_payload = client_payload(files, &request[1]);
     for wanted in expect.request_bytes {
-        assert!(client_payload.windows(wanted.len()).any(|w| w == *wanted), "{context}: {:?} not on the wire", String::from_utf8_lossy(wanted));
+        assert!(
+            client_payload.windows(wanted.len()).any(|w| w == *wanted),
+            "{context}: {:?} not on the wire",
+            String::from_utf8_lossy(wanted)
+        );
     }
-    let captured_request: &[u8] = if expect.truncated { &expect.request_body[..BODY_LIMIT as usize] } else { expect.request_body };
+    let captured_request: &[u8] =
+        if expect.truncated { &expect.request_body[..BODY_LIMIT as usize] } else { expect.request_body };
     assert_eq!(request[7].as_bytes(), captured_request, "{context}: request body");
 
-    let responses = tshark::fields(&files.pcap, "http.response", &["http.response.code", "http.file_data", "http.response.line"]).unwrap();
+    let responses =
+        tshark::fields(&files.pcap, "http.response", &["http.response.code", "http.file_data", "http.response.line"])
+            .unwrap();
     assert_eq!(responses.len(), 1, "{context}: one response expected, got {responses:?}");
     assert_eq!(responses[0][0], expect.status.to_string(), "{context}");
-    let captured_response: &[u8] = if expect.truncated { &expect.response_body[..BODY_LIMIT as usize] } else { expect.response_body };
+    let captured_response: &[u8] =
+        if expect.truncated { &expect.response_body[..BODY_LIMIT as usize] } else { expect.response_body };
     assert_eq!(responses[0][1].as_bytes(), captured_response, "{context}: response body");
     if expect.truncated {
-        let note = format!("x-packet-inspector-truncated: {BODY_LIMIT} of {} bytes captured", expect.response_body.len());
+        let note =
+            format!("x-packet-inspector-truncated: {BODY_LIMIT} of {} bytes captured", expect.response_body.len());
         assert!(responses[0][2].contains(&note), "{context}: {:?}", responses[0][2]);
     }
     assert_eq!(tshark::problems(&files.pcap).unwrap(), Vec::<String>::new(), "{context}: tshark complaints");
@@ -99,13 +128,21 @@ fn check_capture(mesh: &Mesh, files: &CaptureFiles, role: &str, request_id: &str
             assert_eq!(client.1, response.local_addr.port().to_string(), "{context}: the client's own port");
             assert_eq!(server.1, mesh.client_listener.port().to_string(), "{context}: the client sidecar's listener");
         }
-        _ => assert_eq!(server.1, mesh.server_listener.port().to_string(), "{context}: the server sidecar's inbound listener"),
+        _ => assert_eq!(
+            server.1,
+            mesh.server_listener.port().to_string(),
+            "{context}: the server sidecar's inbound listener"
+        ),
     }
 
     // The metadata and raw exchange, as the emulator stored them.
     let document = files.document().unwrap();
     let metadata = document.get_document("metadata").unwrap();
-    let (pod, workload) = if role == "consumer" { (mesh::CLIENT_POD, mesh::CLIENT_WORKLOAD) } else { (mesh::SERVER_POD, mesh::SERVER_WORKLOAD) };
+    let (pod, workload) = if role == "consumer" {
+        (mesh::CLIENT_POD, mesh::CLIENT_WORKLOAD)
+    } else {
+        (mesh::SERVER_POD, mesh::SERVER_WORKLOAD)
+    };
     assert_eq!(metadata.get_str("podName").unwrap(), pod, "{context}");
     assert_eq!(metadata.get_str("namespace").unwrap(), mesh::NAMESPACE, "{context}");
     assert_eq!(metadata.get_str("workload").unwrap(), workload, "{context}");
@@ -236,9 +273,16 @@ fn aggregator_outage_costs_captures_never_requests() {
     let dropped_before = mesh.counter(Sidecar::Client, "captures_dropped").unwrap();
     for n in 0..20 {
         let response = mesh
-            .request(&format!("POST /outage/{n} HTTP/1.1\r\nhost: reviews:9080\r\nx-request-id: outage-{n}"), b"still served")
+            .request(
+                &format!("POST /outage/{n} HTTP/1.1\r\nhost: reviews:9080\r\nx-request-id: outage-{n}"),
+                b"still served",
+            )
             .unwrap();
-        assert_eq!((response.status, response.body.as_slice()), (200, &b"still served"[..]), "request {n} during the outage");
+        assert_eq!(
+            (response.status, response.body.as_slice()),
+            (200, &b"still served"[..]),
+            "request {n} during the outage"
+        );
     }
     let dropped = mesh.counter(Sidecar::Client, "captures_dropped").unwrap() - dropped_before;
     assert!(dropped >= 1, "drops during the outage are counted in Envoy stats");
@@ -253,7 +297,8 @@ fn aggregator_outage_costs_captures_never_requests() {
         })
         .unwrap();
     }
-    let response = mesh.request("GET /after HTTP/1.1\r\nhost: reviews:9080\r\nx-request-id: after-outage", b"").unwrap();
+    let response =
+        mesh.request("GET /after HTTP/1.1\r\nhost: reviews:9080\r\nx-request-id: after-outage", b"").unwrap();
     assert_eq!(response.status, 200);
     mesh.wait_for_capture("consumer", "after-outage").unwrap();
     mesh.wait_for_capture("producer", "after-outage").unwrap();

