@@ -252,6 +252,28 @@ mod tests {
     }
 
     #[test]
+    fn syn_golden_bytes() {
+        let client: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let server: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let records = conversation(client, server, vec![], 7, 8, 42).unwrap();
+        let isn = isn(42, 1).to_be_bytes();
+        #[rustfmt::skip]
+        let expected: Vec<u8> = [
+            // Ethernet: dst MAC (from 10.0.0.2), src MAC (from 10.0.0.1), IPv4.
+            &[0x02, 0x00, 10, 0, 0, 2, 0x02, 0x00, 10, 0, 0, 1, 0x08, 0x00][..],
+            // IPv4: v4/IHL 5, len 40, id 0, DF, TTL 64, TCP, checksum, 10.0.0.1 → 10.0.0.2.
+            &[0x45, 0x00, 0x00, 0x28, 0x00, 0x00, 0x40, 0x00, 0x40, 0x06, 0x26, 0xce, 10, 0, 0, 1, 10, 0, 0, 2],
+            // TCP: 40000 → 80, seq = ISN, ack 0, offset 5, SYN, window 65535, checksum, urgent 0.
+            &[0x9c, 0x40, 0x00, 0x50], &isn, &[0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff],
+        ]
+        .concat();
+        let syn = &records[0].data;
+        assert_eq!(&syn[..expected.len()], expected.as_slice());
+        assert_eq!(syn.len(), expected.len() + 4, "checksum and urgent pointer follow");
+        assert_eq!(records[0].timestamp_ns, 7);
+    }
+
+    #[test]
     fn ipv6_and_mixed_families() {
         let client: SocketAddr = "[fd00::1]:40000".parse().unwrap();
         let server: SocketAddr = "10.0.0.2:80".parse().unwrap();
