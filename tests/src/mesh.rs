@@ -42,11 +42,18 @@ pub struct MeshOptions {
     pub max_body_bytes: u64,
     /// DNS name in the analysis emulator's certificate (a mismatch must stop forwarding).
     pub analysis_san: String,
+    /// The filter's plugin configuration (JSON) instead of the default one.
+    pub filter_config: Option<String>,
 }
 
 impl Default for MeshOptions {
     fn default() -> Self {
-        Self { output_dir: None, max_body_bytes: 64 * 1024, analysis_san: ANALYSIS_HOST.to_owned() }
+        Self {
+            output_dir: None,
+            max_body_bytes: 64 * 1024,
+            analysis_san: ANALYSIS_HOST.to_owned(),
+            filter_config: None,
+        }
     }
 }
 
@@ -145,10 +152,12 @@ impl Mesh {
         };
         mesh.start_emulator()?;
         mesh.start_aggregator()?;
-        let filter_config = format!(
-            r#"{{"cluster":"packet_inspector_aggregator","maxBodyBytes":{},"flushIntervalMs":50}}"#,
-            options.max_body_bytes
-        );
+        let filter_config = options.filter_config.clone().unwrap_or_else(|| {
+            format!(
+                r#"{{"cluster":"packet_inspector_aggregator","maxBodyBytes":{},"flushIntervalMs":50}}"#,
+                options.max_body_bytes
+            )
+        });
         let wasm = tools::wasm()?;
         let common = |certs: &Path, admin: u16, listen: u16, upstream: u16| {
             vec![

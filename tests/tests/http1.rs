@@ -304,3 +304,21 @@ fn aggregator_outage_costs_captures_never_requests() {
     mesh.wait_for_capture("producer", "after-outage").unwrap();
     mesh.shutdown().unwrap();
 }
+
+#[test]
+fn bad_plugin_configuration_is_refused_with_a_clear_log_line() {
+    let options = MeshOptions {
+        filter_config: Some(r#"{"cluster":"packet_inspector_aggregator","maxBodyBytes":99999999999}"#.to_owned()),
+        ..Default::default()
+    };
+    let error = match Mesh::start(options) {
+        Ok(_) => panic!("Envoy accepted a filter with an out-of-range body limit"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(
+        error.contains(
+            "packet-inspector: invalid plugin configuration: `maxBodyBytes` is 99999999999; at most 16777216"
+        ),
+        "the sidecar's log must name the key and the reason:\n{error}"
+    );
+}
