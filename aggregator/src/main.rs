@@ -2,19 +2,16 @@
 
 use clap::Parser;
 use packet_inspector_aggregator::{config::Args, run, AggregatorError};
+use packet_inspector_proto::daemon;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Exit code for unusable configuration (EX_CONFIG... sysexits' EX_USAGE, as linkerd does).
+/// Exit code for unusable configuration (sysexits' EX_USAGE).
 const EXIT_CONFIG: i32 = 64;
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    daemon::init_logging();
     let args = Args::parse();
     if let Err(err) = args.validate() {
         eprintln!("packet-inspector-aggregator: {err}");
@@ -39,7 +36,7 @@ async fn main() {
         }
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(daemon::cancel_on_signal(shutdown.clone()));
     match run(args, listener, admin, shutdown).await {
         Ok(()) => {}
         Err(err @ (AggregatorError::Config(_) | AggregatorError::Tls(_))) => {
@@ -51,17 +48,4 @@ async fn main() {
             std::process::exit(1);
         }
     }
-}
-
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-    shutdown.cancel();
 }

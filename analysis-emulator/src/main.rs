@@ -2,18 +2,16 @@
 
 use clap::Parser;
 use packet_inspector_analysis_emulator::{run, Args, EmulatorError};
+use packet_inspector_proto::daemon;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Exit code for unusable configuration (sysexits' EX_USAGE).
 const EXIT_CONFIG: i32 = 64;
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    daemon::init_logging();
     let args = Args::parse();
     let listener = match TcpListener::bind(&args.listen).await {
         Ok(listener) => listener,
@@ -23,15 +21,7 @@ async fn main() {
         }
     };
     let shutdown = CancellationToken::new();
-    let signal_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-            tracing::info!("signal received: shutting down");
-            signal_shutdown.cancel();
-        }
-    });
+    tokio::spawn(daemon::cancel_on_signal(shutdown.clone()));
     match run(args, listener, shutdown).await {
         Ok(()) => {}
         Err(err @ (EmulatorError::Tls(_) | EmulatorError::OutputDir { .. })) => {

@@ -1,7 +1,8 @@
 //! The project's two wire contracts, generated from the `.proto` files under `proto/proto/`
 //! (the single source of truth; read them for the semantics of every field), plus what both
 //! ends of a contract need alike: the libpcap file layout of [`analysis::Capture`] records
-//! ([`pcap`]) and, with the `grpc` feature, TLS for the gRPC servers and clients ([`tls`]).
+//! ([`pcap`]) and, with the `grpc` feature, TLS for the gRPC servers and clients ([`tls`]) and
+//! the daemons' shared start-up ([`daemon`]).
 //!
 //! - [`capture`]: filter → aggregator, a bidirectional stream of frame batches and acks.
 //! - [`analysis`]: aggregator → analysis service, one call per finished capture.
@@ -29,5 +30,7 @@ pub use packetinspector::capture::v1 as capture;
 
 pub mod pcap;
 
+#[cfg(feature = "grpc")]
+pub mod daemon;
 #[cfg(feature = "grpc")]
 pub mod tls;
