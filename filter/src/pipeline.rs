@@ -4,6 +4,11 @@
 //! It talks to Envoy only through [`Host`], so the whole policy is tested natively with a mock;
 //! the wasm module implements [`Host`] over the proxy-wasm ABI. Nothing here can block or fail
 //! traffic: every outcome for the HTTP side is "recorded" or "dropped and counted".
+//!
+//! Frames not yet sent survive a lost stream and go out on the next one; batches in flight are
+//! lost with it (`batches_lost`). A transaction whose frames straddle a lost stream therefore
+//! reaches the aggregator in two parts: it delivers the first part flagged `aborted` and counts
+//! the rest as orphan frames (`frames_rejected_total`).
 
 use packet_inspector_proto::capture::{frame::Kind, BatchAck, Frame};
 use prost::Message;
