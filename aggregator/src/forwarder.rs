@@ -98,21 +98,15 @@ async fn submit(mut client: AnalysisServiceClient<Channel>, capture: Capture, me
             }
             Err(status) => {
                 Metrics::add(&metrics.captures_forward_failed_total, 1);
-                tracing::error!(%request_id, attempts = attempt, error = %describe(&status), "capture not delivered to the analysis service");
+                tracing::error!(
+                    %request_id,
+                    attempts = attempt,
+                    code = ?status.code(),
+                    error = status.message(),
+                    "capture not delivered to the analysis service"
+                );
                 return;
             }
         }
     }
-}
-
-/// The status with its source chain (where TLS errors such as a SAN mismatch are told).
-fn describe(status: &tonic::Status) -> String {
-    let mut text = status.to_string();
-    let mut source = std::error::Error::source(status);
-    while let Some(err) = source {
-        text.push_str(": ");
-        text.push_str(&err.to_string());
-        source = err.source();
-    }
-    text
 }
