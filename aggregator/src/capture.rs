@@ -1,17 +1,19 @@
 //! A finished transaction becomes an [`analysis::Capture`]: the raw exchange, the metadata,
-//! and the pcap records of its synthesized TCP conversation.
+//! and the pcap records of its synthesized TCP conversation, carrying HTTP/1.1 text
+//! ([`crate::http1`]) or an HTTP/2 conversation ([`crate::http2`]) as the proxy's downstream
+//! spoke it.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use packet_inspector_proto::{
     analysis::{self, Capture, HttpExchange},
-    capture::{Protocol, SocketAddress},
+    capture::{EndReason, Protocol, SocketAddress},
     pcap::LINKTYPE_ETHERNET,
 };
 
 use crate::{
     assembly::{HttpMessage, Transaction},
-    http1,
+    http1, http2,
     tcp::{self, BuildError, Side},
 };
 
@@ -50,21 +52,32 @@ fn http_message(message: &HttpMessage) -> analysis::HttpMessage {
 /// [`CaptureError`] for protocols not synthesized yet, or a packet that cannot be built.
 pub fn build(transaction: Transaction, node: &str) -> Result<Capture, CaptureError> {
     let mut metadata = transaction.metadata;
-    match metadata.protocol() {
-        Protocol::Http1 | Protocol::Unspecified => {}
-        other => return Err(CaptureError::Unsupported(other)),
-    }
+    let protocol = metadata.protocol();
     if metadata.node.is_empty() {
         metadata.node = node.to_owned();
     }
     let client = socket_addr(metadata.downstream_remote.as_ref()).unwrap_or(UNKNOWN_CLIENT);
     let server = socket_addr(metadata.downstream_local.as_ref()).unwrap_or(UNKNOWN_SERVER);
-    let mut pieces: Vec<(Side, http1::Piece)> =
-        http1::request(&transaction.request).into_iter().map(|p| (Side::Client, p)).collect();
-    if let Some(response) = &transaction.response {
-        pieces.extend(http1::response(response).into_iter().map(|p| (Side::Server, p)));
-    }
     let open_ns = metadata.start_time_ns;
+    let (client_pieces, server_pieces) = match protocol {
+        Protocol::Http1 | Protocol::Unspecified => (
+            http1::request(&transaction.request),
+            transaction.response.as_ref().map(http1::response).unwrap_or_default(),
+        ),
+        Protocol::Http2 | Protocol::Grpc => {
+            let complete = transaction.end_reason == EndReason::Complete;
+            (
+                http2::client(&transaction.request, open_ns, complete),
+                http2::server(transaction.response.as_ref(), open_ns, transaction.end_ns, complete),
+            )
+        }
+        other => return Err(CaptureError::Unsupported(other)),
+    };
+    let pieces: Vec<(Side, http1::Piece)> = client_pieces
+        .into_iter()
+        .map(|p| (Side::Client, p))
+        .chain(server_pieces.into_iter().map(|p| (Side::Server, p)))
+        .collect();
     let records =
         tcp::conversation(client, server, pieces, open_ns, transaction.end_ns, open_ns ^ metadata.connection_id)?;
     Ok(Capture {

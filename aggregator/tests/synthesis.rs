@@ -110,3 +110,73 @@ fn truncated_post_on_ipv4_still_decodes() {
     assert_eq!(responses, vec![vec!["201"]]);
     std::fs::remove_file(path).unwrap();
 }
+
+/// A gRPC message: the 5-byte prefix (uncompressed), then a protobuf message whose field 1 is
+/// `text` (Wireshark dissects the payload as protobuf, so it must be valid).
+fn grpc_message(text: &[u8]) -> Vec<u8> {
+    let mut payload = vec![0x0a];
+    let mut len = text.len();
+    while len >= 0x80 {
+        payload.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    payload.push(len as u8);
+    payload.extend_from_slice(text);
+    let mut out = vec![0];
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+#[test]
+fn grpc_streaming_exchange_decodes_as_http2_and_grpc() {
+    let at = |ms: u64| 1_700_000_000_000_000_000 + ms * 1_000_000;
+    let request = HttpMessage {
+        headers: vec![
+            header(":method", "POST"),
+            header(":scheme", "http"),
+            header(":path", "/packetinspector.sample.v1.Echo/Chat"),
+            header(":authority", "echo:50051"),
+            header("content-type", "application/grpc"),
+            header("te", "trailers"),
+            // gRPC carries binary metadata base64-encoded on the wire (bytes 00 01 fe ff).
+            header("x-trace-bin", "AAH+/w=="),
+        ],
+        headers_ns: at(1),
+        body: vec![(at(2), grpc_message(b"one")), (at(4), grpc_message(&[7; 30_000]))],
+        ..Default::default()
+    };
+    let response = HttpMessage {
+        headers: vec![header(":status", "200"), header("content-type", "application/grpc")],
+        headers_ns: at(3),
+        body: vec![(at(3), grpc_message(b"ONE")), (at(5), [grpc_message(b"a"), grpc_message(b"bc")].concat())],
+        trailers: vec![header("grpc-status", "0"), header("grpc-message", "")],
+        trailers_ns: at(6),
+        ..Default::default()
+    };
+    let mut txn = transaction(("10.1.0.5", 40000), ("10.1.0.9", 50051), request, response);
+    txn.metadata.protocol = Protocol::Grpc as i32;
+    let path = write("grpc", txn);
+    let decode = "tcp.port==50051,http2";
+    let names =
+        tshark::fields_decoded(&path, decode, "http2.type == 1", &["http2.header.name", "http2.header.value"]).unwrap();
+    let all_names = names.iter().map(|r| r[0].clone()).collect::<Vec<_>>().join("\u{1f}");
+    for wanted in [":method", ":path", "content-type", "te", "x-trace-bin", ":status", "grpc-status", "grpc-message"] {
+        assert!(all_names.split('\u{1f}').any(|n| n == wanted), "{wanted} missing from {all_names:?}");
+    }
+    let values = names.iter().map(|r| r[1].clone()).collect::<Vec<_>>().join("\u{1f}");
+    assert!(values.contains("/packetinspector.sample.v1.Echo/Chat"), "{values}");
+    assert!(values.split('\u{1f}').any(|v| v == "AAH+/w=="), "the -bin value survives byte for byte: {values}");
+    let lengths = tshark::fields_decoded(&path, decode, "grpc", &["tcp.srcport", "grpc.message_length"]).unwrap();
+    let by_side = |port: &str| -> Vec<String> {
+        lengths
+            .iter()
+            .filter(|r| r[0] == port)
+            .flat_map(|r| r[1].split('\u{1f}').map(str::to_owned).collect::<Vec<_>>())
+            .collect()
+    };
+    assert_eq!(by_side("40000"), vec!["5", "30004"]);
+    assert_eq!(by_side("50051"), vec!["5", "3", "4"]);
+    assert_eq!(tshark::problems_decoded(&path, Some(decode)).unwrap(), Vec::<String>::new());
+    std::fs::remove_file(path).unwrap();
+}

@@ -10,8 +10,22 @@ use crate::tools;
 /// joined with `\u{1f}` (unit separator) so header values containing commas survive.
 /// tshark's JSON output is used because it escapes what fields contain (bodies with newlines).
 pub fn fields(pcap: &Path, filter: &str, fields: &[&str]) -> Result<Vec<Vec<String>>> {
+    read(pcap, None, filter, fields)
+}
+
+/// As [`fields`], with a "decode as" rule such as `tcp.port==50051,http2` (tshark's `-d`): how
+/// an HTTP/2 capture on a port Wireshark does not assign to HTTP is opened.
+pub fn fields_decoded(pcap: &Path, decode_as: &str, filter: &str, fields: &[&str]) -> Result<Vec<Vec<String>>> {
+    read(pcap, Some(decode_as), filter, fields)
+}
+
+fn read(pcap: &Path, decode_as: Option<&str>, filter: &str, fields: &[&str]) -> Result<Vec<Vec<String>>> {
     let mut command = Command::new(tools::tshark()?);
-    command.arg("-r").arg(pcap).args(["-Y", filter, "-T", "json"]);
+    command.arg("-r").arg(pcap);
+    if let Some(rule) = decode_as {
+        command.args(["-d", rule]);
+    }
+    command.args(["-Y", filter, "-T", "json"]);
     for field in fields {
         command.args(["-e", field]);
     }
@@ -47,7 +61,12 @@ pub fn fields(pcap: &Path, filter: &str, fields: &[&str]) -> Result<Vec<Vec<Stri
 
 /// tshark's malformed-packet and expert warnings/errors for a file (empty when clean).
 pub fn problems(pcap: &Path) -> Result<Vec<String>> {
-    let rows =
-        fields(pcap, "_ws.malformed || _ws.expert.severity >= 6291456", &["frame.number", "_ws.expert.message"])?;
+    problems_decoded(pcap, None)
+}
+
+/// As [`problems`], with an optional "decode as" rule.
+pub fn problems_decoded(pcap: &Path, decode_as: Option<&str>) -> Result<Vec<String>> {
+    let filter = "_ws.malformed || _ws.expert.severity >= 6291456";
+    let rows = read(pcap, decode_as, filter, &["frame.number", "_ws.expert.message"])?;
     Ok(rows.into_iter().map(|row| row.join(" ")).collect())
 }
