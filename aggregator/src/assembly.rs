@@ -1,5 +1,11 @@
 //! Transaction assembly: frames of one filter stream in, finished transactions out.
 //!
+//! Long-lived HTTP/2 and gRPC streams are cut into segments: once the data seen since the last
+//! segment is older than [`Segmenting::interval_ns`] or larger than [`Segmenting::max_bytes`],
+//! what was seen is emitted as a transaction of its own (numbered, not last) and the stream goes
+//! on with its headers kept, so every segment decodes standalone. [`Assembler::sweep`] does the
+//! same for streams that went quiet.
+//!
 //! Frames arrive in the order the filter saw them; a transaction is open from its start frame
 //! to its end frame. The assembler is bounded (open transactions per stream, bytes per
 //! transaction) so a broken or hostile filter cannot grow the aggregator without limit, and
@@ -8,7 +14,7 @@
 use std::collections::HashMap;
 
 use packet_inspector_proto::capture::{
-    frame::Kind, BodyChunk, Direction, EndReason, Frame, Header, Headers, TransactionMetadata,
+    frame::Kind, BodyChunk, Direction, EndReason, Frame, Header, Headers, Protocol, TransactionMetadata,
 };
 
 /// One direction of an HTTP exchange, with the times each part was seen.
@@ -34,7 +40,7 @@ impl HttpMessage {
     }
 }
 
-/// A finished HTTP transaction.
+/// A finished HTTP transaction, or one segment of a long-lived stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transaction {
     pub metadata: TransactionMetadata,
@@ -43,6 +49,17 @@ pub struct Transaction {
     pub response: Option<HttpMessage>,
     pub end_ns: u64,
     pub end_reason: EndReason,
+    /// 1-based; a transaction that was not split is segment 1 and the last.
+    pub segment: u32,
+    pub last_segment: bool,
+    /// When this segment's data starts (the transaction's start for segment 1).
+    pub segment_start_ns: u64,
+}
+
+impl Transaction {
+    fn streams(&self) -> bool {
+        matches!(self.metadata.protocol(), Protocol::Http2 | Protocol::Grpc)
+    }
 }
 
 /// Why a frame was not taken.
@@ -58,6 +75,13 @@ pub enum AssemblyError {
     TooLarge(u64, usize),
     #[error("frame for transaction {0} has no kind or an unknown one")]
     Empty(u64),
+}
+
+/// When long-lived streams are cut into segments.
+#[derive(Debug, Clone, Copy)]
+pub struct Segmenting {
+    pub interval_ns: u64,
+    pub max_bytes: usize,
 }
 
 impl AssemblyError {
@@ -77,6 +101,8 @@ impl AssemblyError {
 struct Open {
     transaction: Transaction,
     bytes: usize,
+    /// Body bytes since the current segment started.
+    segment_bytes: usize,
 }
 
 /// Limits of one stream's assembler.
@@ -84,6 +110,7 @@ struct Open {
 pub struct Limits {
     pub max_open_transactions: usize,
     pub max_transaction_bytes: usize,
+    pub segmenting: Segmenting,
 }
 
 #[derive(Debug)]
@@ -127,6 +154,7 @@ impl Assembler {
             }
             Kind::Body(BodyChunk { direction, data, truncated_bytes, .. }) => {
                 open.bytes += data.len();
+                open.segment_bytes += data.len();
                 let message = open.message(direction);
                 message.truncated_bytes += truncated_bytes;
                 if !data.is_empty() {
@@ -152,7 +180,18 @@ impl Assembler {
             self.open.remove(&id);
             return Err(AssemblyError::TooLarge(id, self.limits.max_transaction_bytes));
         }
-        Ok(None)
+        Ok(open.segment_due(at, self.limits.segmenting).then(|| open.cut_segment(at)))
+    }
+
+    /// Segments of streams that have had data waiting longer than the interval, as of `now_ns`
+    /// (called periodically, so a stream that went quiet is not held either).
+    pub fn sweep(&mut self, now_ns: u64) -> Vec<Transaction> {
+        let segmenting = self.limits.segmenting;
+        self.open
+            .values_mut()
+            .filter(|open| open.segment_bytes > 0 && open.segment_due(now_ns, segmenting))
+            .map(|open| open.cut_segment(now_ns))
+            .collect()
     }
 
     fn start(
@@ -168,13 +207,16 @@ impl Assembler {
             metadata.start_time_ns = at;
         }
         let transaction = Transaction {
+            segment_start_ns: metadata.start_time_ns,
             metadata,
             request: HttpMessage::default(),
             response: None,
             end_ns: at,
             end_reason: EndReason::Unspecified,
+            segment: 1,
+            last_segment: true,
         };
-        self.open.insert(id, Open { transaction, bytes: 0 });
+        self.open.insert(id, Open { transaction, bytes: 0, segment_bytes: 0 });
         Ok(None)
     }
 
@@ -190,6 +232,31 @@ fn header_bytes(headers: &[Header]) -> usize {
 }
 
 impl Open {
+    fn segment_due(&self, now_ns: u64, segmenting: Segmenting) -> bool {
+        self.transaction.streams()
+            && (self.segment_bytes >= segmenting.max_bytes
+                || now_ns.saturating_sub(self.transaction.segment_start_ns) >= segmenting.interval_ns)
+    }
+
+    /// Emits what was seen since the last segment and starts the next one: headers are kept
+    /// (repeated in every segment), bodies and their truncation counts start afresh.
+    fn cut_segment(&mut self, at: u64) -> Transaction {
+        let mut segment = self.transaction.clone();
+        segment.end_reason = EndReason::StreamOpen;
+        segment.last_segment = false;
+        segment.end_ns = segment.end_ns.max(at);
+        let next = &mut self.transaction;
+        for message in std::iter::once(&mut next.request).chain(next.response.as_mut()) {
+            message.body.clear();
+            message.truncated_bytes = 0;
+        }
+        next.segment += 1;
+        next.segment_start_ns = at;
+        self.bytes -= self.segment_bytes;
+        self.segment_bytes = 0;
+        segment
+    }
+
     fn message(&mut self, direction: i32) -> &mut HttpMessage {
         if direction == Direction::Response as i32 {
             self.transaction.response.get_or_insert_with(HttpMessage::default)
@@ -204,7 +271,8 @@ mod tests {
     use super::*;
     use packet_inspector_proto::capture::{SocketAddress, TransactionEnd, TransactionStart};
 
-    const LIMITS: Limits = Limits { max_open_transactions: 2, max_transaction_bytes: 100 };
+    const NEVER: Segmenting = Segmenting { interval_ns: u64::MAX, max_bytes: usize::MAX };
+    const LIMITS: Limits = Limits { max_open_transactions: 2, max_transaction_bytes: 100, segmenting: NEVER };
 
     fn frame(id: u64, at: u64, kind: Kind) -> Frame {
         Frame { transaction_id: id, timestamp_ns: at, kind: Some(kind) }
@@ -282,6 +350,57 @@ mod tests {
             assembler.accept(Frame { transaction_id: 2, timestamp_ns: 0, kind: None }),
             Err(AssemblyError::Empty(2))
         );
+    }
+
+    fn grpc_start(id: u64) -> Frame {
+        let metadata = TransactionMetadata { protocol: Protocol::Grpc as i32, start_time_ns: 1, ..Default::default() };
+        frame(id, 1, Kind::Start(TransactionStart { metadata: Some(metadata) }))
+    }
+
+    fn body_at(id: u64, at: u64, data: &[u8]) -> Frame {
+        let chunk = BodyChunk { direction: Direction::Response as i32, data: data.to_vec(), ..Default::default() };
+        frame(id, at, Kind::Body(chunk))
+    }
+
+    #[test]
+    fn long_streams_are_cut_into_standalone_segments() {
+        let segmenting = Segmenting { interval_ns: 100, max_bytes: 10 };
+        let mut assembler =
+            Assembler::new(Limits { max_open_transactions: 2, max_transaction_bytes: 1000, segmenting });
+        assembler.accept(grpc_start(1)).unwrap();
+        assembler.accept(headers(1, Direction::Request, ":path")).unwrap();
+        assembler.accept(headers(1, Direction::Response, ":status")).unwrap();
+        assert_eq!(assembler.accept(body_at(1, 10, b"abcd")).unwrap(), None);
+        // Size: 4 + 6 bytes reach the 10-byte bound.
+        let first = assembler.accept(body_at(1, 20, b"efghij")).unwrap().unwrap();
+        assert_eq!((first.segment, first.last_segment, first.end_reason), (1, false, EndReason::StreamOpen));
+        assert_eq!(first.response.as_ref().unwrap().body_len(), 10);
+        // Time: data older than the interval since the segment started at 20.
+        assert_eq!(assembler.accept(body_at(1, 50, b"k")).unwrap(), None);
+        let second = assembler.accept(body_at(1, 130, b"l")).unwrap().unwrap();
+        assert_eq!((second.segment, second.segment_start_ns), (2, 20));
+        assert_eq!(second.request.headers, first.request.headers, "headers repeat in every segment");
+        assert_eq!(second.response.as_ref().unwrap().body, vec![(50, b"k".to_vec()), (130, b"l".to_vec())]);
+        // A quiet stream is swept.
+        assert_eq!(assembler.accept(body_at(1, 140, b"m")).unwrap(), None);
+        assert!(assembler.sweep(200).is_empty(), "not yet due");
+        let swept = assembler.sweep(231);
+        assert_eq!(swept.len(), 1);
+        assert_eq!(swept[0].segment, 3);
+        assert!(assembler.sweep(1000).is_empty(), "nothing new to emit");
+        let last = assembler.accept(end(1)).unwrap().unwrap();
+        assert_eq!((last.segment, last.last_segment, last.end_reason), (4, true, EndReason::Complete));
+        assert!(last.response.unwrap().body.is_empty());
+    }
+
+    #[test]
+    fn http1_is_never_segmented() {
+        let segmenting = Segmenting { interval_ns: 1, max_bytes: 1 };
+        let mut assembler =
+            Assembler::new(Limits { max_open_transactions: 2, max_transaction_bytes: 1000, segmenting });
+        assembler.accept(start(1)).unwrap();
+        assert_eq!(assembler.accept(body_at(1, 100, b"abc")).unwrap(), None);
+        assert!(assembler.sweep(1000).is_empty());
     }
 
     #[test]

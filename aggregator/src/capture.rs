@@ -58,7 +58,8 @@ pub fn build(transaction: Transaction, node: &str) -> Result<Capture, CaptureErr
     }
     let client = socket_addr(metadata.downstream_remote.as_ref()).unwrap_or(UNKNOWN_CLIENT);
     let server = socket_addr(metadata.downstream_local.as_ref()).unwrap_or(UNKNOWN_SERVER);
-    let open_ns = metadata.start_time_ns;
+    // A later segment of a stream opens its own conversation when its data starts.
+    let open_ns = transaction.segment_start_ns.max(metadata.start_time_ns);
     let (client_pieces, server_pieces) = match protocol {
         Protocol::Http1 | Protocol::Unspecified => (
             http1::request(&transaction.request),
@@ -90,5 +91,8 @@ pub fn build(transaction: Transaction, node: &str) -> Result<Capture, CaptureErr
         records,
         end_time_ns: transaction.end_ns,
         end_reason: transaction.end_reason as i32,
+        segment: transaction.segment,
+        last_segment: transaction.last_segment,
+        segment_start_ns: open_ns,
     })
 }

@@ -49,6 +49,13 @@ pub struct Args {
     /// Bytes one transaction may hold (headers and captured bodies).
     #[arg(long, env = "PI_MAX_TRANSACTION_BYTES", default_value_t = 40 * 1024 * 1024)]
     pub max_transaction_bytes: usize,
+    /// An HTTP/2 or gRPC stream still open this long (milliseconds) after its last capture
+    /// segment is captured so far, as a segment of its own; the stream goes on.
+    #[arg(long, env = "PI_SEGMENT_INTERVAL_MS", default_value_t = 10_000)]
+    pub segment_interval_ms: u64,
+    /// ... or once this many body bytes have arrived since its last segment.
+    #[arg(long, env = "PI_SEGMENT_BYTES", default_value_t = 1024 * 1024)]
+    pub segment_bytes: usize,
     /// Seconds a SIGTERM/SIGINT shutdown may take to deliver what was accepted.
     #[arg(long, env = "PI_SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
     pub shutdown_grace_seconds: u64,
@@ -96,6 +103,8 @@ impl Args {
         positive("forward-concurrency", self.forward_concurrency)?;
         positive("max-open-transactions", self.max_open_transactions)?;
         positive("max-transaction-bytes", self.max_transaction_bytes)?;
+        positive("segment-bytes", self.segment_bytes)?;
+        positive("segment-interval-ms", usize::try_from(self.segment_interval_ms).unwrap_or(usize::MAX))?;
         Ok(())
     }
 

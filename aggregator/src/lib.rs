@@ -24,7 +24,13 @@ use packet_inspector_proto::{capture::capture_service_server::CaptureServiceServ
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{assembly::Limits, config::Args, forwarder::Forwarder, metrics::Metrics, service::CaptureServer};
+use crate::{
+    assembly::{Limits, Segmenting},
+    config::Args,
+    forwarder::Forwarder,
+    metrics::Metrics,
+    service::CaptureServer,
+};
 
 /// What can stop the aggregator.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +72,10 @@ pub async fn run(
         limits: Limits {
             max_open_transactions: args.max_open_transactions,
             max_transaction_bytes: args.max_transaction_bytes,
+            segmenting: Segmenting {
+                interval_ns: args.segment_interval_ms.saturating_mul(1_000_000),
+                max_bytes: args.segment_bytes,
+            },
         },
         node: args.node_name.clone(),
         shutdown: shutdown.clone(),

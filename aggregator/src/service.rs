@@ -4,7 +4,7 @@
 //! On shutdown each stream stops reading, finishes its open transactions as aborted (so what
 //! was acknowledged is delivered) and ends the call; the filter then reconnects elsewhere.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use packet_inspector_proto::{
     capture::{capture_service_server::CaptureService, BatchAck, FrameBatch},
@@ -33,6 +33,15 @@ pub struct CaptureServer {
 
 /// Acks waiting to be written to one filter; the filter's own window keeps this small.
 const ACK_BACKLOG: usize = 64;
+const SWEEP_MIN: Duration = Duration::from_millis(50);
+const SWEEP_MAX: Duration = Duration::from_secs(1);
+
+/// Wall-clock time in the filters' timebase (nanoseconds since the Unix epoch; same node).
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
 
 struct StreamTask {
     forwarder: Forwarder,
@@ -99,11 +108,19 @@ impl CaptureService for CaptureServer {
         Metrics::add(&task.metrics.streams_open, 1);
         tokio::spawn(async move {
             let mut assembler = Assembler::new(limits);
+            // Quiet long-lived streams are segmented on this tick (see `Assembler::sweep`).
+            let sweep_every = Duration::from_nanos(limits.segmenting.interval_ns / 4).clamp(SWEEP_MIN, SWEEP_MAX);
+            let mut sweep = tokio::time::interval(sweep_every);
+            sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let message = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break,
                     message = inbound.message() => message,
+                    _ = sweep.tick() => {
+                        assembler.sweep(now_ns()).into_iter().for_each(|segment| task.finish(segment));
+                        continue;
+                    }
                 };
                 match message {
                     Ok(Some(batch)) => {

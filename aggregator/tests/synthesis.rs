@@ -31,6 +31,9 @@ fn transaction(client: (&str, u32), server: (&str, u32), request: HttpMessage, r
         response: Some(response),
         end_ns: 1_700_000_000_050_000_000,
         end_reason: EndReason::Complete,
+        segment: 1,
+        last_segment: true,
+        segment_start_ns: 1_700_000_000_000_000_000,
     }
 }
 

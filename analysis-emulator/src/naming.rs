@@ -38,14 +38,15 @@ fn role(role: Role) -> &'static str {
     }
 }
 
-/// The file name stem (no extension) of an HTTP capture.
-pub fn http_stem(metadata: &TransactionMetadata) -> String {
+/// The file name stem (no extension) of an HTTP capture starting at `timestamp_ns` (the
+/// transaction's start; for a later segment of a long-lived stream, that segment's start).
+pub fn http_stem(metadata: &TransactionMetadata, timestamp_ns: u64) -> String {
     format!(
         "{}-{}-{}-{}",
         sanitize(&metadata.pod_name),
         role(metadata.role()),
         sanitize(&metadata.request_id),
-        metadata.start_time_ns
+        timestamp_ns
     )
 }
 
@@ -63,11 +64,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            http_stem(&metadata),
+            http_stem(&metadata, metadata.start_time_ns),
             "productpage-v1-6b746f74dc-9stvs-consumer-5c8b4a3e-95a4-4f4e-9a37-1f0e3cbd1d12-1675782061987009574"
         );
         let producer = TransactionMetadata { role: Role::Producer as i32, ..metadata };
-        assert!(http_stem(&producer).contains("-producer-"));
+        assert!(http_stem(&producer, 1).ends_with("-producer-5c8b4a3e-95a4-4f4e-9a37-1f0e3cbd1d12-1"));
     }
 
     #[test]
@@ -81,6 +82,6 @@ mod tests {
         }
         assert_eq!(sanitize(&"x".repeat(500)).len(), MAX_COMPONENT);
         let metadata = TransactionMetadata { pod_name: "../x".into(), request_id: "a/b".into(), ..Default::default() };
-        assert_eq!(http_stem(&metadata), "_._x-unknown-a_b-0");
+        assert_eq!(http_stem(&metadata, 0), "_._x-unknown-a_b-0");
     }
 }

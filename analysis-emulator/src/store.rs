@@ -103,6 +103,9 @@ pub fn document(capture: &Capture) -> Result<Document, StoreError> {
         "response": http.response.as_ref().map_or(Bson::Null, |m| Bson::Document(message(m))),
         "endTimeNs": capture.end_time_ns as i64,
         "endReason": short(capture.end_reason().as_str_name(), "END_REASON_"),
+        "segment": capture.segment as i64,
+        "lastSegment": capture.last_segment,
+        "segmentStartNs": capture.segment_start_ns as i64,
     })
 }
 
@@ -133,7 +136,9 @@ fn write_atomically(
 /// is left behind).
 pub fn store(dir: &Path, capture: &Capture) -> Result<String, StoreError> {
     let document = document(capture)?;
-    let stem = naming::http_stem(capture.metadata.as_ref().ok_or(StoreError::NoMetadata)?);
+    let metadata = capture.metadata.as_ref().ok_or(StoreError::NoMetadata)?;
+    let timestamp_ns = if capture.segment_start_ns > 0 { capture.segment_start_ns } else { metadata.start_time_ns };
+    let stem = naming::http_stem(metadata, timestamp_ns);
     let bytes = document.to_vec()?;
     write_atomically(dir, &format!("{stem}.bson"), |out| out.write_all(&bytes))?;
     write_atomically(dir, &format!("{stem}.pcap"), |out| pcap::write_file(out, capture.link_type, &capture.records))?;
