@@ -1,6 +1,11 @@
 //! HPACK (RFC 7541) encoding restricted to what makes every capture decode standalone:
-//! each field is a *literal header field without indexing, new name* with raw (non-Huffman)
-//! strings, so a reader needs no dynamic-table state from earlier packets or files.
+//! each field is a *literal header field never indexed, new name* (§6.2.3) with raw
+//! (non-Huffman) strings, so a reader needs no dynamic-table state from earlier packets or files.
+//!
+//! Why never-indexed rather than without-indexing (§6.2.2), which decodes the same way: the
+//! latter starts every field with a 0x00 octet, and Wireshark shows a CONTINUATION frame's
+//! header-block fragment as ASCII text, flagging each such NUL as "trailing stray characters".
+//! Never-indexed fields start with 0x10, so large header blocks open without warnings.
 
 /// Appends `value` as an HPACK integer with an `prefix_bits`-bit prefix; `first` carries the
 /// pattern bits above the prefix (RFC 7541 §5.1).
@@ -24,9 +29,9 @@ fn encode_string(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
-/// Appends one header field as a literal without indexing, with a literal name (`0000 0000`).
+/// Appends one header field as a literal never indexed, with a literal name (`0001 0000`).
 pub fn encode_literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.push(0x00);
+    out.push(0x10);
     encode_string(out, name);
     encode_string(out, value);
 }
@@ -61,11 +66,11 @@ mod tests {
     }
 
     #[test]
-    fn literal_without_indexing_golden() {
-        // RFC 7541 C.2.1's field, in the without-indexing form (first octet 0x00, not 0x40).
+    fn literal_never_indexed_golden() {
+        // RFC 7541 C.2.1's field, in the never-indexed form (first octet 0x10, not 0x40).
         let mut out = Vec::new();
         encode_literal(&mut out, b"custom-key", b"custom-header");
-        let mut expected = vec![0x00, 0x0a];
+        let mut expected = vec![0x10, 0x0a];
         expected.extend_from_slice(b"custom-key");
         expected.push(0x0d);
         expected.extend_from_slice(b"custom-header");
@@ -77,7 +82,7 @@ mod tests {
         let value = vec![0xffu8; 300];
         let mut out = Vec::new();
         encode_literal(&mut out, b"x-trace-bin", &value);
-        assert_eq!(&out[..2], &[0x00, 11]);
+        assert_eq!(&out[..2], &[0x10, 11]);
         assert_eq!(&out[13..16], &[0x7f, 0xad, 0x01], "300 = 127 + 173 in a 7-bit prefix");
         assert_eq!(&out[16..], value.as_slice());
     }
@@ -85,7 +90,7 @@ mod tests {
     #[test]
     fn pseudo_headers_first_and_names_lowercased() {
         let block = encode_block([(&b"Content-Type"[..], &b"a"[..]), (b":path", b"/")]);
-        assert_eq!(&block[..7], &[0x00, 5, b':', b'p', b'a', b't', b'h']);
+        assert_eq!(&block[..7], &[0x10, 5, b':', b'p', b'a', b't', b'h']);
         assert!(block.windows(12).any(|w| w == b"content-type"));
     }
 }

@@ -7,7 +7,8 @@
 //! control without further updates. The exchange is stream 1: HEADERS (split into
 //! CONTINUATION frames beyond the maximum frame size), DATA split at the maximum frame size,
 //! trailers as a final HEADERS; END_STREAM on the last frame of each direction. Header blocks
-//! are HPACK literals (see [`crate::hpack`]), so each file decodes with no earlier state.
+//! are HPACK never-indexed literals (see [`crate::hpack`]), so each file decodes with no
+//! earlier state.
 
 use packet_inspector_proto::capture::Header;
 

@@ -19,7 +19,13 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{app::SampleApp, certs::Ca, free_port, http, process::Process, tools, wait_for, workspace_root};
+use crate::{
+    app::{GrpcApp, SampleApp},
+    certs::Ca,
+    free_port, http,
+    process::Process,
+    tools, wait_for, workspace_root,
+};
 
 pub const NAMESPACE: &str = "bookinfo";
 pub const CLIENT_POD: &str = "productpage-v1-6b746f74dc-9stvs";
@@ -44,6 +50,8 @@ pub struct MeshOptions {
     pub analysis_san: String,
     /// The filter's plugin configuration (JSON) instead of the default one.
     pub filter_config: Option<String>,
+    /// The aggregator's `--segment-interval-ms` (its own default when `None`).
+    pub segment_interval_ms: Option<u64>,
 }
 
 impl Default for MeshOptions {
@@ -53,6 +61,7 @@ impl Default for MeshOptions {
             max_body_bytes: 64 * 1024,
             analysis_san: ANALYSIS_HOST.to_owned(),
             filter_config: None,
+            segment_interval_ms: None,
         }
     }
 }
@@ -94,7 +103,9 @@ pub struct Mesh {
     client_envoy: Option<Process>,
     server_envoy: Option<Process>,
     _app: SampleApp,
+    _grpc_app: GrpcApp,
     analysis_port: u16,
+    segment_interval_ms: Option<u64>,
     /// Set until startup succeeds, so a failed start keeps its logs for inspection.
     failed: bool,
 }
@@ -133,6 +144,7 @@ impl Mesh {
         ca.issue(&certs.join("analysis"), &[options.analysis_san.as_str()])?;
 
         let app = SampleApp::start(SERVER_WORKLOAD)?;
+        let grpc_app = GrpcApp::start()?;
         let mut mesh = Self {
             output_dir,
             client_listener: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
@@ -147,6 +159,8 @@ impl Mesh {
             client_envoy: None,
             server_envoy: None,
             _app: app,
+            _grpc_app: grpc_app,
+            segment_interval_ms: options.segment_interval_ms,
             dir,
             failed: true,
         };
@@ -174,7 +188,11 @@ impl Mesh {
         };
         let mut server_values =
             common(&certs.join("server"), mesh.server_admin, mesh.server_listener.port(), mesh._app.port);
-        server_values.extend([("POD_NAME", SERVER_POD.to_owned()), ("WORKLOAD", SERVER_WORKLOAD.to_owned())]);
+        server_values.extend([
+            ("POD_NAME", SERVER_POD.to_owned()),
+            ("WORKLOAD", SERVER_WORKLOAD.to_owned()),
+            ("GRPC_PORT", mesh._grpc_app.port.to_string()),
+        ]);
         let mut client_values =
             common(&certs.join("client"), mesh.client_admin, mesh.client_listener.port(), mesh.server_listener.port());
         client_values.extend([("POD_NAME", CLIENT_POD.to_owned()), ("WORKLOAD", CLIENT_WORKLOAD.to_owned())]);
@@ -264,6 +282,9 @@ impl Mesh {
             .arg("--analysis-ca")
             .arg(certs.join("root-cert.pem"))
             .args(["--node-name", "demo-node-1"]);
+        if let Some(interval) = self.segment_interval_ms {
+            command.args(["--segment-interval-ms", &interval.to_string()]);
+        }
         let process = Process::spawn("aggregator", command, &self.dir.join("aggregator.log"))?;
         self.aggregator = Some(wait_listening(process, self.aggregator_port)?);
         Ok(())
@@ -331,6 +352,31 @@ impl Mesh {
         wait_for(&format!("the {role} capture of request {request_id}"), Duration::from_secs(20), || {
             self.captures(role, request_id).into_iter().next()
         })
+    }
+
+    /// Waits until the last segment of `request_id`'s capture with `role` is stored, and
+    /// returns every segment in order (one for an exchange that was not split).
+    pub fn wait_for_all_segments(&self, role: &str, request_id: &str) -> Result<Vec<CaptureFiles>> {
+        wait_for(&format!("the last {role} segment of request {request_id}"), Duration::from_secs(30), || {
+            let mut segments: Vec<(i64, bool, CaptureFiles)> = self
+                .captures(role, request_id)
+                .into_iter()
+                .filter_map(|files| {
+                    let document = files.document().ok()?;
+                    Some((document.get_i64("segment").ok()?, document.get_bool("lastSegment").ok()?, files))
+                })
+                .collect();
+            segments.sort_by_key(|(segment, ..)| *segment);
+            let complete = segments.last().is_some_and(|(n, last, _)| *last && *n == segments.len() as i64);
+            complete.then(|| segments.into_iter().map(|(.., files)| files).collect())
+        })
+    }
+
+    /// The "decode as" rule for an HTTP/2 capture of `role` (tshark `-d`, Wireshark
+    /// *Decode As…*): HTTP/2 on the server port of the captured conversation.
+    pub fn http2_decode_as(&self, role: &str) -> String {
+        let port = if role == "consumer" { self.client_listener.port() } else { self.server_listener.port() };
+        format!("tcp.port=={port},http2")
     }
 
     /// Stops everything with SIGTERM, in dependency order; fails if a component did not exit

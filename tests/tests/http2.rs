@@ -1,0 +1,279 @@
+//! End-to-end HTTP/2 and gRPC capture through real Envoy sidecars running the built filter:
+//! an h2c client (the `h2` crate) and the sample gRPC service (`samples/grpc-echo`) called with
+//! a tonic client. Captures are read the way the README says: tshark with `-d
+//! tcp.port==PORT,http2` for the port of the captured conversation's server side.
+
+use bson::Bson;
+use bytes::Bytes;
+use packet_inspector_sample_grpc::pb::{echo_client::EchoClient, CountRequest, EchoReply, EchoRequest, FailRequest};
+use packet_inspector_tests::{
+    mesh::{CaptureFiles, Mesh, MeshOptions},
+    tshark,
+};
+use prost::Message;
+
+const ROLES: [&str; 2] = ["consumer", "producer"];
+
+/// (name, value) pairs of every header block in a capture, per side (`client` = from the
+/// downstream peer).
+fn header_pairs(mesh: &Mesh, role: &str, files: &CaptureFiles, from_client: bool) -> Vec<(String, String)> {
+    let server_port = if role == "consumer" { mesh.client_listener.port() } else { mesh.server_listener.port() };
+    let side =
+        if from_client { format!("tcp.dstport == {server_port}") } else { format!("tcp.srcport == {server_port}") };
+    let rows = tshark::fields_decoded(
+        &files.pcap,
+        &mesh.http2_decode_as(role),
+        &format!("({side}) && (http2.type == 1 || http2.type == 9)"),
+        &["http2.header.name", "http2.header.value"],
+    )
+    .unwrap();
+    rows.iter()
+        .flat_map(|row| {
+            let names: Vec<String> = row[0].split('\u{1f}').map(str::to_owned).collect();
+            let values: Vec<String> = row[1].split('\u{1f}').map(str::to_owned).collect();
+            names.into_iter().zip(values)
+        })
+        .collect()
+}
+
+fn has(pairs: &[(String, String)], name: &str, value: &str) -> bool {
+    pairs.iter().any(|(n, v)| n == name && v == value)
+}
+
+/// `grpc.message_length` of every gRPC message one side sent.
+fn grpc_lengths(mesh: &Mesh, role: &str, files: &CaptureFiles, from_client: bool) -> Vec<usize> {
+    let server_port = if role == "consumer" { mesh.client_listener.port() } else { mesh.server_listener.port() };
+    let side = if from_client { "tcp.dstport" } else { "tcp.srcport" };
+    let rows = tshark::fields_decoded(
+        &files.pcap,
+        &mesh.http2_decode_as(role),
+        &format!("grpc && {side} == {server_port}"),
+        &["grpc.message_length"],
+    )
+    .unwrap();
+    rows.iter().flat_map(|row| row[0].split('\u{1f}').filter_map(|v| v.parse().ok()).collect::<Vec<_>>()).collect()
+}
+
+fn assert_clean(mesh: &Mesh, role: &str, files: &CaptureFiles) {
+    let problems = tshark::problems_decoded(&files.pcap, Some(&mesh.http2_decode_as(role))).unwrap();
+    assert_eq!(problems, Vec::<String>::new(), "{}: tshark complaints", files.pcap.display());
+}
+
+fn protocol_of(files: &CaptureFiles) -> String {
+    files.document().unwrap().get_document("metadata").unwrap().get_str("protocol").unwrap().to_owned()
+}
+
+#[test]
+fn http2_exchanges_decode_standalone() {
+    let mesh = Mesh::start(MeshOptions::default()).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let big_header = "v".repeat(20_000);
+    let upload: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+    let (hello, echoed) = runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(mesh.client_listener).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+
+        let request = http::Request::get("http://reviews:9080/h2/hello")
+            .header("x-request-id", "h2-hello")
+            .header("x-trace-bin", "AAH+/w==")
+            .header("x-big", big_header.as_str())
+            .body(())
+            .unwrap();
+        let (response, _) = client.send_request(request, true).unwrap();
+        let response = response.await.unwrap();
+        let status = response.status();
+        let mut body = response.into_body();
+        let mut hello = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            body.flow_control().release_capacity(chunk.len()).unwrap();
+            hello.extend_from_slice(&chunk);
+        }
+        assert_eq!(status, 200);
+
+        let mut client = client.ready().await.unwrap();
+        let request = http::Request::post("http://reviews:9080/h2/upload")
+            .header("x-request-id", "h2-upload")
+            .header("content-type", "application/octet-stream")
+            .body(())
+            .unwrap();
+        let (response, mut stream) = client.send_request(request, false).unwrap();
+        stream.send_data(Bytes::from(upload.clone()), false).unwrap();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", "42".parse().unwrap());
+        stream.send_trailers(trailers).unwrap();
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        let mut echoed = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            body.flow_control().release_capacity(chunk.len()).unwrap();
+            echoed.extend_from_slice(&chunk);
+        }
+        (hello, echoed)
+    });
+    assert_eq!(hello, b"hello from reviews-v1\n", "traffic is unchanged");
+    assert_eq!(echoed, upload, "traffic is unchanged");
+
+    for role in ROLES {
+        let files = mesh.wait_for_capture(role, "h2-hello").unwrap();
+        assert_eq!(protocol_of(&files), "http2");
+        assert_clean(&mesh, role, &files);
+        let request = header_pairs(&mesh, role, &files, true);
+        assert!(has(&request, ":method", "GET") && has(&request, ":path", "/h2/hello"), "{role}: {request:?}");
+        assert!(has(&request, "x-trace-bin", "AAH+/w=="), "{role}: the -bin value survives");
+        assert!(has(&request, "x-big", &big_header), "{role}: the 20 kB header survives");
+        let continuation =
+            tshark::fields_decoded(&files.pcap, &mesh.http2_decode_as(role), "http2.type == 9", &["frame.number"])
+                .unwrap();
+        assert!(!continuation.is_empty(), "{role}: a header block over 16 kB needs CONTINUATION");
+        let response = header_pairs(&mesh, role, &files, false);
+        assert!(has(&response, ":status", "200"), "{role}: {response:?}");
+
+        let files = mesh.wait_for_capture(role, "h2-upload").unwrap();
+        assert_clean(&mesh, role, &files);
+        let request = header_pairs(&mesh, role, &files, true);
+        assert!(
+            has(&request, ":method", "POST") && has(&request, "x-checksum", "42"),
+            "{role}: trailers kept: {request:?}"
+        );
+        let data = tshark::fields_decoded(
+            &files.pcap,
+            &mesh.http2_decode_as(role),
+            "http2.type == 0",
+            &["tcp.srcport", "http2.length"],
+        )
+        .unwrap();
+        let lengths: Vec<usize> =
+            data.iter().flat_map(|r| r[1].split('\u{1f}').map(|v| v.parse::<usize>().unwrap())).collect();
+        assert!(lengths.iter().all(|len| *len <= 16_384), "{role}: DATA split at the max frame size: {lengths:?}");
+        assert_eq!(lengths.iter().sum::<usize>(), 2 * upload.len(), "{role}: request and echoed response bodies");
+        let stored = files.document().unwrap();
+        let body = match stored.get_document("request").unwrap().get("body") {
+            Some(Bson::Binary(binary)) => binary.bytes.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(body, upload, "{role}: the raw body in the BSON");
+    }
+    mesh.shutdown().unwrap();
+}
+
+fn with_id<T>(message: T, request_id: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("x-request-id", request_id.parse().unwrap());
+    request
+}
+
+#[test]
+fn grpc_calls_of_every_kind_are_captured() {
+    let mesh = Mesh::start(MeshOptions { segment_interval_ms: Some(1000), ..Default::default() }).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let address = format!("http://{}", mesh.client_listener);
+    let count = CountRequest { count: 25, interval_ms: 100, text: "tick".into() };
+    let (failure, streamed) = runtime.block_on(async {
+        let mut client = EchoClient::connect(address).await.unwrap();
+        let reply = client.say(with_id(EchoRequest { text: "hello".into() }, "grpc-say")).await.unwrap();
+        assert_eq!(reply.into_inner().text, "hello");
+        let failure = client
+            .fail(with_id(FailRequest { code: 5, message: "no such review".into() }, "grpc-fail"))
+            .await
+            .unwrap_err();
+        let mut replies = client.count(with_id(count.clone(), "grpc-count")).await.unwrap().into_inner();
+        let mut streamed = Vec::new();
+        while let Some(reply) = replies.message().await.unwrap() {
+            streamed.push(reply);
+        }
+        let texts = ["a", "bb", "ccc", "dddd", "eeeee"].map(|t| EchoRequest { text: t.into() });
+        let joined = client.join(with_id(tokio_stream_iter(texts.to_vec()), "grpc-join")).await.unwrap();
+        assert_eq!(joined.into_inner().text, "a bb ccc dddd eeeee");
+        let chat = ["x", "y", "z", "w"].map(|t| EchoRequest { text: t.into() });
+        let mut answers =
+            client.chat(with_id(tokio_stream_iter(chat.to_vec()), "grpc-chat")).await.unwrap().into_inner();
+        let mut chatted = 0;
+        while answers.message().await.unwrap().is_some() {
+            chatted += 1;
+        }
+        assert_eq!(chatted, 4);
+        (failure, streamed)
+    });
+    assert_eq!((failure.code(), failure.message()), (tonic::Code::NotFound, "no such review"));
+    assert_eq!(streamed.len(), 25);
+
+    let reply_len = |text: &str, index: u32| EchoReply { text: text.into(), index }.encoded_len();
+    for role in ROLES {
+        // Unary, OK.
+        let files = mesh.wait_for_capture(role, "grpc-say").unwrap();
+        assert_eq!(protocol_of(&files), "grpc");
+        assert_clean(&mesh, role, &files);
+        let request = header_pairs(&mesh, role, &files, true);
+        assert!(has(&request, ":path", "/packetinspector.sample.v1.Echo/Say"), "{role}: {request:?}");
+        assert!(has(&request, "content-type", "application/grpc"), "{role}: {request:?}");
+        assert_eq!(grpc_lengths(&mesh, role, &files, true), vec![EchoRequest { text: "hello".into() }.encoded_len()]);
+        assert_eq!(grpc_lengths(&mesh, role, &files, false), vec![reply_len("hello", 0)]);
+        assert!(has(&header_pairs(&mesh, role, &files, false), "grpc-status", "0"), "{role}: trailers");
+
+        // Unary, failing: a trailers-only response (gRPC percent-encodes grpc-message).
+        let files = mesh.wait_for_capture(role, "grpc-fail").unwrap();
+        assert_clean(&mesh, role, &files);
+        let response = header_pairs(&mesh, role, &files, false);
+        assert!(
+            has(&response, "grpc-status", "5") && has(&response, "grpc-message", "no%20such%20review"),
+            "{role}: {response:?}"
+        );
+        assert!(grpc_lengths(&mesh, role, &files, false).is_empty(), "{role}: no message in a failed call");
+        let stored = files.document().unwrap();
+        let headers = stored.get_document("response").unwrap().get_array("headers").unwrap().clone();
+        assert!(headers.iter().any(|h| h
+            .as_document()
+            .is_some_and(|h| h.get_str("name").ok() == Some("grpc-status") && h.get_str("value").ok() == Some("5"))));
+
+        // Server streaming for longer than the segment interval: several standalone segments.
+        let segments = mesh.wait_for_all_segments(role, "grpc-count").unwrap();
+        assert!(
+            segments.len() >= 2,
+            "{role}: 2.4 s of streaming with a 1 s interval gave {} segment(s)",
+            segments.len()
+        );
+        let mut replies = Vec::new();
+        for (index, files) in segments.iter().enumerate() {
+            assert_clean(&mesh, role, files);
+            let request = header_pairs(&mesh, role, files, true);
+            assert!(
+                has(&request, ":path", "/packetinspector.sample.v1.Echo/Count"),
+                "{role}: every segment repeats the headers"
+            );
+            let document = files.document().unwrap();
+            assert_eq!(document.get_i64("segment").unwrap(), index as i64 + 1);
+            assert_eq!(document.get_document("metadata").unwrap().get_str("requestId").unwrap(), "grpc-count");
+            replies.extend(grpc_lengths(&mesh, role, files, false));
+        }
+        let expected: Vec<usize> = (0..25).map(|i| reply_len("tick", i)).collect();
+        assert_eq!(replies, expected, "{role}: every streamed message, once, across the segments");
+        let last = header_pairs(&mesh, role, segments.last().unwrap(), false);
+        assert!(has(&last, "grpc-status", "0"), "{role}: the last segment ends with the trailers");
+
+        // Client streaming and bidirectional.
+        let files = mesh.wait_for_capture(role, "grpc-join").unwrap();
+        assert_clean(&mesh, role, &files);
+        let sent: Vec<usize> =
+            ["a", "bb", "ccc", "dddd", "eeeee"].map(|t| EchoRequest { text: t.into() }.encoded_len()).to_vec();
+        assert_eq!(grpc_lengths(&mesh, role, &files, true), sent);
+        assert_eq!(grpc_lengths(&mesh, role, &files, false), vec![reply_len("a bb ccc dddd eeeee", 5)]);
+        let files = mesh.wait_for_capture(role, "grpc-chat").unwrap();
+        assert_clean(&mesh, role, &files);
+        assert_eq!(grpc_lengths(&mesh, role, &files, true).len(), 4);
+        assert_eq!(
+            grpc_lengths(&mesh, role, &files, false),
+            (0..4).map(|i| reply_len(["X", "Y", "Z", "W"][i as usize], i)).collect::<Vec<_>>()
+        );
+    }
+    mesh.shutdown().unwrap();
+}
+
+/// A finite request stream for client- and bidirectional-streaming calls.
+fn tokio_stream_iter<T: Send + 'static>(items: Vec<T>) -> impl tokio_stream::Stream<Item = T> + Send + 'static {
+    tokio_stream::iter(items)
+}
