@@ -63,15 +63,19 @@ pub fn build(transaction: Transaction, node: &str) -> Result<Capture, CaptureErr
     let (client_pieces, server_pieces) = match protocol {
         Protocol::Http1 | Protocol::Unspecified => (
             http1::request(&transaction.request),
-            transaction.response.as_ref().map(http1::response).unwrap_or_default(),
+            transaction
+                .response
+                .as_ref()
+                .map(|response| http1::response(response, transaction.request.header(b":method")))
+                .unwrap_or_default(),
         ),
-        Protocol::Http2 | Protocol::Grpc => {
-            let complete = transaction.end_reason == EndReason::Complete;
-            (
-                http2::client(&transaction.request, open_ns, complete),
-                http2::server(transaction.response.as_ref(), open_ns, transaction.end_ns, complete),
-            )
-        }
+        Protocol::Http2 | Protocol::Grpc => http2::conversation(
+            &transaction.request,
+            transaction.response.as_ref(),
+            open_ns,
+            transaction.end_ns,
+            transaction.end_reason == EndReason::Complete,
+        ),
         other => return Err(CaptureError::Unsupported(other)),
     };
     let pieces: Vec<(Side, http1::Piece)> = client_pieces

@@ -5,12 +5,11 @@
 //! when absent, the other headers in their order. Framing is made consistent with what was
 //! captured so Wireshark reassembles it: a truncated body gets a `content-length` matching the
 //! captured bytes and an `x-packet-inspector-truncated` header saying how much was cut; a body
-//! with trailers is sent chunked. CR, LF and NUL inside names or values (never legal, but the
-//! capture must not let them break the framing) become spaces.
+//! with trailers is sent chunked. Bytes HTTP cannot carry are mended by [`crate::wire`].
 
 use packet_inspector_proto::capture::Header;
 
-use crate::assembly::HttpMessage;
+use crate::{assembly::HttpMessage, wire};
 
 /// Header added when the body was cut by the filter's limit.
 pub const TRUNCATED_HEADER: &str = "x-packet-inspector-truncated";
@@ -20,10 +19,6 @@ pub const TRUNCATED_HEADER: &str = "x-packet-inspector-truncated";
 pub struct Piece {
     pub timestamp_ns: u64,
     pub bytes: Vec<u8>,
-}
-
-fn clean(bytes: &[u8], out: &mut Vec<u8>) {
-    out.extend(bytes.iter().map(|&b| if matches!(b, b'\r' | b'\n' | 0) { b' ' } else { b }));
 }
 
 fn is_pseudo(header: &Header) -> bool {
@@ -42,14 +37,28 @@ enum Framing {
 }
 
 fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    clean(name, out);
+    out.extend_from_slice(&wire::token(name));
     out.extend_from_slice(b": ");
-    clean(value, out);
+    out.extend_from_slice(&wire::value(value));
     out.extend_from_slice(b"\r\n");
 }
 
+/// Header added when a response may not carry the body the proxy reported (status 1xx, 204,
+/// 304, or a response to HEAD).
+pub const OMITTED_HEADER: &str = "x-packet-inspector-omitted";
+
 /// Writes the header block (after the start line) and returns the pieces of the message.
-fn message_pieces(mut head: Vec<u8>, message: &HttpMessage, is_request: bool, extra_host: Option<&[u8]>) -> Vec<Piece> {
+/// `bodyless`: the message cannot carry a body (see [`OMITTED_HEADER`]).
+fn message_pieces(
+    mut head: Vec<u8>,
+    message: &HttpMessage,
+    is_request: bool,
+    extra_host: Option<&[u8]>,
+    bodyless: bool,
+) -> Vec<Piece> {
+    if bodyless {
+        return bodyless_pieces(head, message);
+    }
     let body_len = message.body_len();
     let chunked_on_wire = message
         .header(b"transfer-encoding")
@@ -108,6 +117,24 @@ fn message_pieces(mut head: Vec<u8>, message: &HttpMessage, is_request: bool, ex
     pieces
 }
 
+/// A message without a body: headers only (framing headers dropped, since nothing follows), and
+/// a note of the body bytes the proxy reported, which the `.bson` keeps.
+fn bodyless_pieces(mut head: Vec<u8>, message: &HttpMessage) -> Vec<Piece> {
+    for header in message.headers.iter().filter(|h| !is_pseudo(h) && !is_framing(h)) {
+        write_header(&mut head, &header.name, &header.value);
+    }
+    let reported = message.body_len() as u64 + message.truncated_bytes;
+    if reported > 0 {
+        write_header(
+            &mut head,
+            OMITTED_HEADER.as_bytes(),
+            format!("{reported} body bytes (no body allowed)").as_bytes(),
+        );
+    }
+    head.extend_from_slice(b"\r\n");
+    vec![Piece { timestamp_ns: message.headers_ns, bytes: head }]
+}
+
 fn pseudo<'a>(message: &'a HttpMessage, name: &[u8]) -> Option<&'a [u8]> {
     message.header(name)
 }
@@ -115,29 +142,25 @@ fn pseudo<'a>(message: &'a HttpMessage, name: &[u8]) -> Option<&'a [u8]> {
 /// The request as HTTP/1.1 text pieces.
 pub fn request(message: &HttpMessage) -> Vec<Piece> {
     let mut head = Vec::with_capacity(512);
-    clean(pseudo(message, b":method").unwrap_or(b"GET"), &mut head);
+    head.extend_from_slice(&wire::token(pseudo(message, b":method").unwrap_or(b"GET")));
     head.push(b' ');
-    // A space in the target would split the request line; Envoy never lets one through.
-    let path = pseudo(message, b":path").unwrap_or(b"/");
-    head.extend(path.iter().map(|&b| if b.is_ascii_whitespace() || b == 0 { b'+' } else { b }));
+    head.extend_from_slice(&wire::target(pseudo(message, b":path").unwrap_or(b"/")));
     head.extend_from_slice(b" HTTP/1.1\r\n");
     let host = match (message.header(b"host"), pseudo(message, b":authority")) {
-        (None, Some(authority)) => Some(authority),
+        (None, Some(authority)) => Some(wire::authority(authority)),
         _ => None,
     };
-    message_pieces(head, message, true, host)
+    message_pieces(head, message, true, host.as_deref(), false)
 }
 
-/// The response as HTTP/1.1 text pieces.
-pub fn response(message: &HttpMessage) -> Vec<Piece> {
-    let status = pseudo(message, b":status")
-        .and_then(|s| std::str::from_utf8(s).ok())
-        .and_then(|s| s.parse::<u16>().ok())
-        .filter(|s| (100..=999).contains(s))
-        .unwrap_or(502);
+/// The response as HTTP/1.1 text pieces; `request_method` decides whether it may carry a body
+/// (a response to HEAD never does).
+pub fn response(message: &HttpMessage, request_method: Option<&[u8]>) -> Vec<Piece> {
+    let status = wire::status(pseudo(message, b":status"));
     let reason = http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Unknown");
     let head = format!("HTTP/1.1 {status} {reason}\r\n").into_bytes();
-    message_pieces(head, message, false, None)
+    let bodyless = matches!(status, 100..=199 | 204 | 304) || request_method == Some(b"HEAD");
+    message_pieces(head, message, false, None, bodyless)
 }
 
 #[cfg(test)]
@@ -197,7 +220,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            text(&response(&message)),
+            text(&response(&message, None)),
             "HTTP/1.1 200 OK\r\ncontent-length: 10\r\nx-packet-inspector-truncated: 10 of 100 bytes captured\r\n\r\n0123456789"
         );
     }
@@ -211,12 +234,25 @@ mod tests {
             trailers_ns: 3,
             ..Default::default()
         };
-        let pieces = response(&message);
+        let pieces = response(&message, None);
         assert_eq!(
             text(&pieces),
             "HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-checksum: 1\r\n\r\n"
         );
         assert_eq!(pieces.last().unwrap().timestamp_ns, 3);
+    }
+
+    #[test]
+    fn statuses_without_a_body_drop_it_and_say_so() {
+        let message = HttpMessage {
+            headers: vec![h(":status", b"204"), h("content-length", b"3")],
+            body: vec![(2, b"abc".to_vec())],
+            ..Default::default()
+        };
+        assert_eq!(
+            text(&response(&message, None)),
+            "HTTP/1.1 204 No Content\r\nx-packet-inspector-omitted: 3 body bytes (no body allowed)\r\n\r\n"
+        );
     }
 
     #[test]
@@ -231,8 +267,8 @@ mod tests {
             ..Default::default()
         };
         let text = text(&request(&message));
-        assert!(text.starts_with("GET /a+b++ HTTP/1.1\r\n"), "{text}");
+        assert!(text.starts_with("GET /a%20b%0D%0A HTTP/1.1\r\n"), "{text}");
         assert!(text.contains("x-evil: a  Injected: 1\r\n"), "{text}");
-        assert!(self::text(&response(&message)).starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
+        assert!(self::text(&response(&message, None)).starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
     }
 }

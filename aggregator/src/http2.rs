@@ -5,14 +5,19 @@
 //! same WINDOW_UPDATE, SETTINGS ACK; client: SETTINGS ACK. Both sides announce the largest
 //! stream window and widen the connection window to match, so any captured body fits the flow
 //! control without further updates. The exchange is stream 1: HEADERS (split into
-//! CONTINUATION frames beyond the maximum frame size), DATA split at the maximum frame size,
-//! trailers as a final HEADERS; END_STREAM on the last frame of each direction. Header blocks
+//! CONTINUATION frames beyond the receiver's maximum frame size), DATA split at that size,
+//! trailers as a final HEADERS; END_STREAM on the last frame of each direction.
+//!
+//! The maximum frame size is HTTP/2's default (16 KiB), except in gRPC conversations, where each
+//! side announces one large enough for the other side's header blocks: Wireshark 4.0's gRPC
+//! dissector loses a call's path and content type when its header block is continued in
+//! CONTINUATION frames (it fails an assertion), and the file would not decode. Header blocks
 //! are HPACK never-indexed literals (see [`crate::hpack`]), so each file decodes with no
 //! earlier state.
 
 use packet_inspector_proto::capture::Header;
 
-use crate::{assembly::HttpMessage, hpack, http1::Piece, http1::TRUNCATED_HEADER};
+use crate::{assembly::HttpMessage, hpack, http1::Piece, http1::TRUNCATED_HEADER, wire};
 
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// SETTINGS_MAX_FRAME_SIZE's default, which both sides keep.
@@ -34,6 +39,11 @@ const END_HEADERS: u8 = 0x4;
 
 const SETTINGS_ENABLE_PUSH: u16 = 0x2;
 const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
+const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
+/// The largest frame size announced: HTTP/2 allows 2^24 - 1, but Wireshark 4.0 reads frame
+/// lengths over 65,535 modulo 65,536. Envoy's default header limit (60 KiB) keeps real header
+/// blocks below it; a larger gRPC block still goes into CONTINUATION frames.
+const LARGEST_FRAME_SIZE: usize = 65_535;
 
 /// Appends one frame (9-octet header, then the payload).
 pub fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
@@ -45,21 +55,28 @@ pub fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]
     out.extend_from_slice(payload);
 }
 
-fn settings(out: &mut Vec<u8>, push: bool) {
+/// SETTINGS (and the connection WINDOW_UPDATE) of one side, which receives frames of at most
+/// `max_frame_size`.
+fn settings(out: &mut Vec<u8>, push: bool, max_frame_size: usize) {
     let mut payload = Vec::new();
+    let mut setting = |id: u16, value: u32| {
+        payload.extend_from_slice(&id.to_be_bytes());
+        payload.extend_from_slice(&value.to_be_bytes());
+    };
     if !push {
-        payload.extend_from_slice(&SETTINGS_ENABLE_PUSH.to_be_bytes());
-        payload.extend_from_slice(&0u32.to_be_bytes());
+        setting(SETTINGS_ENABLE_PUSH, 0);
     }
-    payload.extend_from_slice(&SETTINGS_INITIAL_WINDOW_SIZE.to_be_bytes());
-    payload.extend_from_slice(&MAX_WINDOW.to_be_bytes());
+    setting(SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW);
+    if max_frame_size != MAX_FRAME_SIZE {
+        setting(SETTINGS_MAX_FRAME_SIZE, max_frame_size as u32);
+    }
     frame(out, SETTINGS, 0, 0, &payload);
     frame(out, WINDOW_UPDATE, 0, 0, &(MAX_WINDOW - DEFAULT_WINDOW).to_be_bytes());
 }
 
-/// A header block as HEADERS plus CONTINUATION frames.
-fn header_frames(out: &mut Vec<u8>, block: &[u8], end_stream: bool) {
-    let mut chunks = block.chunks(MAX_FRAME_SIZE).peekable();
+/// A header block as HEADERS plus CONTINUATION frames of at most `max_frame_size`.
+fn header_frames(out: &mut Vec<u8>, block: &[u8], end_stream: bool, max_frame_size: usize) {
+    let mut chunks = block.chunks(max_frame_size).peekable();
     let first = chunks.next().unwrap_or(&[]);
     let only = chunks.peek().is_none();
     let flags = if end_stream { END_STREAM } else { 0 } | if only { END_HEADERS } else { 0 };
@@ -108,6 +125,20 @@ fn body_chunks(message: &HttpMessage, grpc: bool) -> Vec<(u64, &[u8])> {
     chunks
 }
 
+/// A field as HTTP/2 can carry it (see [`crate::wire`]); pseudo-headers that Wireshark parses
+/// get their own rules.
+fn field(header: &Header) -> (Vec<u8>, Vec<u8>) {
+    let name = wire::name(&header.name).to_ascii_lowercase();
+    let value = match name.as_slice() {
+        b":method" => wire::token(&header.value).into_owned(),
+        b":path" => wire::target(&header.value).into_owned(),
+        b":authority" | b":scheme" => wire::authority(&header.value).into_owned(),
+        b":status" => wire::status(Some(&header.value)).to_string().into_bytes(),
+        _ => wire::value(&header.value).into_owned(),
+    };
+    (name, value)
+}
+
 fn headers_of(message: &HttpMessage, body_len: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut fields: Vec<(Vec<u8>, Vec<u8>)> = message
         .headers
@@ -115,7 +146,7 @@ fn headers_of(message: &HttpMessage, body_len: usize) -> Vec<(Vec<u8>, Vec<u8>)>
         // Connection-specific fields are not allowed in HTTP/2 (RFC 9113 §8.2.2).
         .filter(|h| !matches!(h.name.as_slice(), b"connection" | b"transfer-encoding" | b"keep-alive" | b"upgrade"))
         .filter(|h| !(message.truncated_bytes > 0 && h.name == b"content-length"))
-        .map(|h: &Header| (h.name.clone(), h.value.clone()))
+        .map(field)
         .collect();
     if message.truncated_bytes > 0 {
         let note = format!("{body_len} of {} bytes captured", message.body_len() as u64 + message.truncated_bytes);
@@ -124,65 +155,105 @@ fn headers_of(message: &HttpMessage, body_len: usize) -> Vec<(Vec<u8>, Vec<u8>)>
     fields
 }
 
+/// One direction's header blocks, encoded once: they size the frames the receiver announces.
+struct Blocks {
+    headers: Vec<u8>,
+    trailers: Option<Vec<u8>>,
+}
+
+impl Blocks {
+    fn of(message: &HttpMessage) -> Self {
+        let body_len: usize = body_chunks(message, is_grpc(message)).iter().map(|(_, c)| c.len()).sum();
+        let fields = headers_of(message, body_len);
+        let headers = hpack::encode_block(fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let trailers = (!message.trailers.is_empty()).then(|| {
+            let fields: Vec<(Vec<u8>, Vec<u8>)> = message.trailers.iter().map(field).collect();
+            hpack::encode_block(fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())))
+        });
+        Self { headers, trailers }
+    }
+
+    /// The frame size a receiver of these blocks announces (see the module docs).
+    fn frame_size(&self, grpc: bool) -> usize {
+        let largest = self.headers.len().max(self.trailers.as_ref().map_or(0, Vec::len));
+        if grpc {
+            largest.clamp(MAX_FRAME_SIZE, LARGEST_FRAME_SIZE)
+        } else {
+            MAX_FRAME_SIZE
+        }
+    }
+}
+
 /// The frames of one direction on stream 1, as timed pieces.
-fn message_pieces(message: &HttpMessage, aborted: bool) -> Vec<Piece> {
-    let grpc = is_grpc(message);
-    let chunks = body_chunks(message, grpc);
-    let body_len: usize = chunks.iter().map(|(_, c)| c.len()).sum();
-    let has_trailers = !message.trailers.is_empty();
-    let fields = headers_of(message, body_len);
-    let block = hpack::encode_block(fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+fn message_pieces(message: &HttpMessage, blocks: &Blocks, aborted: bool, max_frame_size: usize) -> Vec<Piece> {
+    let chunks = body_chunks(message, is_grpc(message));
     let mut head = Vec::new();
-    header_frames(&mut head, &block, chunks.is_empty() && !has_trailers && !aborted);
+    header_frames(
+        &mut head,
+        &blocks.headers,
+        chunks.is_empty() && blocks.trailers.is_none() && !aborted,
+        max_frame_size,
+    );
     let mut pieces = vec![Piece { timestamp_ns: message.headers_ns, bytes: head }];
     let last_chunk = chunks.len().saturating_sub(1);
     for (index, (at, chunk)) in chunks.iter().enumerate() {
-        let mut bytes = Vec::with_capacity(chunk.len() + 9 * (chunk.len() / MAX_FRAME_SIZE + 1));
-        let frames: Vec<&[u8]> = chunk.chunks(MAX_FRAME_SIZE).collect();
+        let mut bytes = Vec::with_capacity(chunk.len() + 9 * (chunk.len() / max_frame_size + 1));
+        let frames: Vec<&[u8]> = chunk.chunks(max_frame_size).collect();
         for (n, data) in frames.iter().enumerate() {
-            let last = index == last_chunk && n + 1 == frames.len() && !has_trailers && !aborted;
+            let last = index == last_chunk && n + 1 == frames.len() && blocks.trailers.is_none() && !aborted;
             frame(&mut bytes, DATA, if last { END_STREAM } else { 0 }, STREAM, data);
         }
         pieces.push(Piece { timestamp_ns: *at, bytes });
     }
-    if has_trailers {
-        let block = hpack::encode_block(message.trailers.iter().map(|h| (h.name.as_slice(), h.value.as_slice())));
+    if let Some(trailers) = &blocks.trailers {
         let mut bytes = Vec::new();
-        header_frames(&mut bytes, &block, true);
+        header_frames(&mut bytes, trailers, true, max_frame_size);
         pieces.push(Piece { timestamp_ns: message.trailers_ns, bytes });
     }
     pieces
 }
 
-/// The client's side: preface and settings at `open_ns`, then the request.
-pub fn client(request: &HttpMessage, open_ns: u64, request_complete: bool) -> Vec<Piece> {
+/// The whole conversation as (client pieces, server pieces): each side's SETTINGS at `open_ns`
+/// (the client acknowledging the server's at once), then the request and the response. An
+/// exchange cut short without a response ends with RST_STREAM (CANCEL) at `end_ns`; when not
+/// `complete` (aborted, or a segment of a stream still open) no END_STREAM is sent.
+pub fn conversation(
+    request: &HttpMessage,
+    response: Option<&HttpMessage>,
+    open_ns: u64,
+    end_ns: u64,
+    complete: bool,
+) -> (Vec<Piece>, Vec<Piece>) {
+    let grpc = is_grpc(request) || response.is_some_and(is_grpc);
+    let request_blocks = Blocks::of(request);
+    let response_blocks = response.map(Blocks::of);
+    // Each side announces what it receives: the server sizes request frames, the client
+    // response frames.
+    let request_frame_size = request_blocks.frame_size(grpc);
+    let response_frame_size = response_blocks.as_ref().map_or(MAX_FRAME_SIZE, |b| b.frame_size(grpc));
+
     let mut start = PREFACE.to_vec();
-    settings(&mut start, false);
-    let mut pieces = vec![Piece { timestamp_ns: open_ns, bytes: start }];
-    pieces.extend(message_pieces(request, !request_complete));
-    // The client acknowledges the server's SETTINGS as soon as it has them.
+    settings(&mut start, false, response_frame_size);
     let mut ack = Vec::new();
     frame(&mut ack, SETTINGS, ACK, 0, &[]);
-    pieces.insert(1, Piece { timestamp_ns: open_ns, bytes: ack });
-    pieces
-}
+    let mut client = vec![Piece { timestamp_ns: open_ns, bytes: start }, Piece { timestamp_ns: open_ns, bytes: ack }];
+    client.extend(message_pieces(request, &request_blocks, !complete, request_frame_size));
 
-/// The server's side: settings (and the ack of the client's) at `open_ns`, then the response;
-/// an exchange cut short without a response ends with RST_STREAM (CANCEL) at `end_ns`.
-pub fn server(response: Option<&HttpMessage>, open_ns: u64, end_ns: u64, response_complete: bool) -> Vec<Piece> {
     let mut start = Vec::new();
-    settings(&mut start, true);
+    settings(&mut start, true, request_frame_size);
     frame(&mut start, SETTINGS, ACK, 0, &[]);
-    let mut pieces = vec![Piece { timestamp_ns: open_ns, bytes: start }];
-    match response {
-        Some(response) => pieces.extend(message_pieces(response, !response_complete)),
-        None => {
+    let mut server = vec![Piece { timestamp_ns: open_ns, bytes: start }];
+    match (response, &response_blocks) {
+        (Some(response), Some(blocks)) => {
+            server.extend(message_pieces(response, blocks, !complete, response_frame_size))
+        }
+        _ => {
             let mut reset = Vec::new();
             frame(&mut reset, RST_STREAM, 0, STREAM, &0x8u32.to_be_bytes());
-            pieces.push(Piece { timestamp_ns: end_ns, bytes: reset });
+            server.push(Piece { timestamp_ns: end_ns, bytes: reset });
         }
     }
-    pieces
+    (client, server)
 }
 
 #[cfg(test)]
@@ -222,7 +293,7 @@ mod tests {
             trailers: vec![h("x-sum", b"1")],
             ..Default::default()
         };
-        let pieces = client(&request, 1, true);
+        let (pieces, _) = conversation(&request, None, 1, 2, true);
         assert!(pieces[0].bytes.starts_with(PREFACE));
         let all: Vec<u8> = pieces.iter().flat_map(|p| p.bytes.clone()).collect();
         let kinds = frames(&all[PREFACE.len()..]);
@@ -242,7 +313,8 @@ mod tests {
     fn big_header_block_uses_continuation() {
         let request =
             HttpMessage { headers: vec![h(":method", b"GET"), h("x-big", &vec![b'v'; 40_000])], ..Default::default() };
-        let all: Vec<u8> = client(&request, 1, true).iter().skip(2).flat_map(|p| p.bytes.clone()).collect();
+        let (pieces, _) = conversation(&request, None, 1, 2, true);
+        let all: Vec<u8> = pieces.iter().skip(2).flat_map(|p| p.bytes.clone()).collect();
         let kinds = frames(&all);
         assert_eq!(
             kinds.iter().map(|k| (k.0, k.1)).collect::<Vec<_>>(),
@@ -251,15 +323,42 @@ mod tests {
     }
 
     #[test]
+    fn grpc_sides_announce_frames_large_enough_for_header_blocks() {
+        let request = HttpMessage {
+            headers: vec![
+                h(":method", b"POST"),
+                h("content-type", b"application/grpc"),
+                h("x-big", &vec![b'v'; 40_000]),
+            ],
+            ..Default::default()
+        };
+        let response = HttpMessage {
+            headers: vec![h(":status", b"200"), h("content-type", b"application/grpc")],
+            ..Default::default()
+        };
+        let (client, server) = conversation(&request, Some(&response), 1, 2, true);
+        let request_frames = frames(&client[2].bytes);
+        assert_eq!(request_frames.len(), 1, "one HEADERS frame, no CONTINUATION");
+        let server_settings = frames(&server[0].bytes)[0];
+        assert_eq!(server_settings.0, SETTINGS);
+        let payload = &server[0].bytes[9..9 + server_settings.3];
+        let announced = payload.chunks(6).find(|s| s[..2] == SETTINGS_MAX_FRAME_SIZE.to_be_bytes()).unwrap();
+        assert_eq!(u32::from_be_bytes(announced[2..].try_into().unwrap()) as usize, request_frames[0].3);
+        // The client receives small response blocks: it keeps the default.
+        let client_settings = &client[0].bytes[PREFACE.len() + 9..PREFACE.len() + 9 + 12];
+        assert!(!client_settings.chunks(6).any(|s| s[..2] == SETTINGS_MAX_FRAME_SIZE.to_be_bytes()));
+    }
+
+    #[test]
     fn trailers_only_response_and_reset() {
         let response = HttpMessage {
             headers: vec![h(":status", b"200"), h("content-type", b"application/grpc"), h("grpc-status", b"5")],
             ..Default::default()
         };
-        let pieces = server(Some(&response), 1, 2, true);
+        let (_, pieces) = conversation(&HttpMessage::default(), Some(&response), 1, 2, true);
         let kinds = frames(&pieces[1].bytes);
         assert_eq!(kinds, vec![(HEADERS, END_HEADERS | END_STREAM, 1, kinds[0].3)]);
-        let reset = server(None, 1, 2, false);
+        let (_, reset) = conversation(&HttpMessage::default(), None, 1, 2, false);
         assert_eq!(frames(&reset[1].bytes), vec![(RST_STREAM, 0, 1, 4)]);
     }
 
@@ -274,7 +373,7 @@ mod tests {
             truncated_bytes: 9,
             ..Default::default()
         };
-        let pieces = server(Some(&response), 1, 2, true);
+        let (_, pieces) = conversation(&HttpMessage::default(), Some(&response), 1, 2, true);
         let data = frames(&pieces[2].bytes);
         assert_eq!(data, vec![(DATA, END_STREAM, 1, 8)]);
         let head = &pieces[1].bytes;

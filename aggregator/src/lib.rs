@@ -17,6 +17,7 @@ pub mod http2;
 pub mod metrics;
 pub mod service;
 pub mod tcp;
+pub mod wire;
 
 use std::{sync::Arc, time::Duration};
 

@@ -10,16 +10,17 @@ use crate::tools;
 /// joined with `\u{1f}` (unit separator) so header values containing commas survive.
 /// tshark's JSON output is used because it escapes what fields contain (bodies with newlines).
 pub fn fields(pcap: &Path, filter: &str, fields: &[&str]) -> Result<Vec<Vec<String>>> {
-    read(pcap, None, filter, fields)
+    read_filtered(pcap, None, filter, fields)
 }
 
 /// As [`fields`], with a "decode as" rule such as `tcp.port==50051,http2` (tshark's `-d`): how
 /// an HTTP/2 capture on a port Wireshark does not assign to HTTP is opened.
 pub fn fields_decoded(pcap: &Path, decode_as: &str, filter: &str, fields: &[&str]) -> Result<Vec<Vec<String>>> {
-    read(pcap, Some(decode_as), filter, fields)
+    read_filtered(pcap, Some(decode_as), filter, fields)
 }
 
-fn read(pcap: &Path, decode_as: Option<&str>, filter: &str, fields: &[&str]) -> Result<Vec<Vec<String>>> {
+/// As [`fields`], with an optional "decode as" rule.
+pub fn read_filtered(pcap: &Path, decode_as: Option<&str>, filter: &str, fields: &[&str]) -> Result<Vec<Vec<String>>> {
     let mut command = Command::new(tools::tshark()?);
     command.arg("-r").arg(pcap);
     if let Some(rule) = decode_as {
@@ -67,6 +68,6 @@ pub fn problems(pcap: &Path) -> Result<Vec<String>> {
 /// As [`problems`], with an optional "decode as" rule.
 pub fn problems_decoded(pcap: &Path, decode_as: Option<&str>) -> Result<Vec<String>> {
     let filter = "_ws.malformed || _ws.expert.severity >= 6291456";
-    let rows = read(pcap, decode_as, filter, &["frame.number", "_ws.expert.message"])?;
+    let rows = read_filtered(pcap, decode_as, filter, &["frame.number", "_ws.expert.message"])?;
     Ok(rows.into_iter().map(|row| row.join(" ")).collect())
 }
