@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod certs;
+pub mod clients;
 pub mod http;
 pub mod mesh;
 pub mod process;

@@ -60,6 +60,15 @@ pub fn read_filtered(pcap: &Path, decode_as: Option<&str>, filter: &str, fields:
         .collect())
 }
 
+/// The "decode as" rule that opens an HTTP/2 capture, derived from the file the way the README
+/// tells users to: HTTP/2 on the conversation's server port, the destination port of its first
+/// packet (the SYN).
+pub fn http2_decode_rule(pcap: &Path) -> Result<String> {
+    let rows = read_filtered(pcap, None, "frame.number == 1", &["tcp.dstport"])?;
+    let port = rows.first().and_then(|row| row.first()).filter(|p| !p.is_empty()).context("no first packet")?;
+    Ok(format!("tcp.port=={port},http2"))
+}
+
 /// tshark's malformed-packet and expert warnings/errors for a file (empty when clean).
 pub fn problems(pcap: &Path) -> Result<Vec<String>> {
     problems_decoded(pcap, None)

@@ -4,9 +4,9 @@
 //! tcp.port==PORT,http2` for the port of the captured conversation's server side.
 
 use bson::Bson;
-use bytes::Bytes;
 use packet_inspector_sample_grpc::pb::{echo_client::EchoClient, CountRequest, EchoReply, EchoRequest, FailRequest};
 use packet_inspector_tests::{
+    clients,
     mesh::{CaptureFiles, Mesh, MeshOptions},
     tshark,
 };
@@ -66,61 +66,33 @@ fn protocol_of(files: &CaptureFiles) -> String {
 #[test]
 fn http2_exchanges_decode_standalone() {
     let mesh = Mesh::start(MeshOptions::default()).unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
     let big_header = "v".repeat(20_000);
     let upload: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
-    let (hello, echoed) = runtime.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(mesh.client_listener).await.unwrap();
-        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(connection);
-        let mut client = client.ready().await.unwrap();
-
-        let request = http::Request::get("http://reviews:9080/h2/hello")
-            .header("x-request-id", "h2-hello")
-            .header("x-trace-bin", "AAH+/w==")
-            .header("x-big", big_header.as_str())
-            .body(())
-            .unwrap();
-        let (response, _) = client.send_request(request, true).unwrap();
-        let response = response.await.unwrap();
-        let status = response.status();
-        let mut body = response.into_body();
-        let mut hello = Vec::new();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.unwrap();
-            body.flow_control().release_capacity(chunk.len()).unwrap();
-            hello.extend_from_slice(&chunk);
-        }
-        assert_eq!(status, 200);
-
-        let mut client = client.ready().await.unwrap();
-        let request = http::Request::post("http://reviews:9080/h2/upload")
-            .header("x-request-id", "h2-upload")
-            .header("content-type", "application/octet-stream")
-            .body(())
-            .unwrap();
-        let (response, mut stream) = client.send_request(request, false).unwrap();
-        stream.send_data(Bytes::from(upload.clone()), false).unwrap();
-        let mut trailers = http::HeaderMap::new();
-        trailers.insert("x-checksum", "42".parse().unwrap());
-        stream.send_trailers(trailers).unwrap();
-        let response = response.await.unwrap();
-        assert_eq!(response.status(), 200);
-        let mut body = response.into_body();
-        let mut echoed = Vec::new();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.unwrap();
-            body.flow_control().release_capacity(chunk.len()).unwrap();
-            echoed.extend_from_slice(&chunk);
-        }
-        (hello, echoed)
-    });
+    let request = http::Request::get("http://reviews:9080/h2/hello")
+        .header("x-request-id", "h2-hello")
+        .header("x-trace-bin", "AAH+/w==")
+        .header("x-big", big_header.as_str())
+        .body(())
+        .unwrap();
+    let hello = clients::h2_request(mesh.client_listener, request, b"", None).unwrap();
+    assert_eq!(hello.status, 200);
+    let request = http::Request::post("http://reviews:9080/h2/upload")
+        .header("x-request-id", "h2-upload")
+        .header("content-type", "application/octet-stream")
+        .body(())
+        .unwrap();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", "42".parse().unwrap());
+    let echoed = clients::h2_request(mesh.client_listener, request, &upload, Some(trailers)).unwrap();
+    assert_eq!(echoed.status, 200);
+    let (hello, echoed) = (hello.body, echoed.body);
     assert_eq!(hello, b"hello from reviews-v1\n", "traffic is unchanged");
     assert_eq!(echoed, upload, "traffic is unchanged");
 
     for role in ROLES {
         let files = mesh.wait_for_capture(role, "h2-hello").unwrap();
         assert_eq!(protocol_of(&files), "http2");
+        assert_eq!(tshark::http2_decode_rule(&files.pcap).unwrap(), mesh.http2_decode_as(role), "the README's rule");
         assert_clean(&mesh, role, &files);
         let request = header_pairs(&mesh, role, &files, true);
         assert!(has(&request, ":method", "GET") && has(&request, ":path", "/h2/hello"), "{role}: {request:?}");

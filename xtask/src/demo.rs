@@ -1,18 +1,20 @@
 //! `cargo xtask demo`: the main job on the embedded default. Starts a local mesh (client and
 //! server sidecars on real Envoy with the built filter, mTLS between them, the aggregator, the
-//! analysis emulator and a sample app), sends real traffic through it, prints the captures
-//! written, read back with tshark, and stops everything cleanly.
+//! analysis emulator, a sample HTTP app and a sample gRPC service), sends HTTP/1.1, HTTP/2 and
+//! gRPC traffic through it, prints the captures written, read back with tshark, and stops
+//! everything cleanly.
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use packet_inspector_tests::{
+    clients,
     mesh::{CaptureFiles, Mesh, MeshOptions},
     tshark,
 };
 
-/// The demo's traffic: what the calling pod's app sends to the called service.
-const REQUESTS: &[(&str, &[u8])] = &[
+/// The demo's HTTP/1.1 traffic: what the calling pod's app sends to the called service.
+const HTTP1_REQUESTS: &[(&str, &[u8])] = &[
     ("GET /reviews/1?user=kim HTTP/1.1\r\nhost: reviews:9080\r\nuser-agent: demo-client/1.0", b""),
     (
         "POST /reviews/1 HTTP/1.1\r\nhost: reviews:9080\r\ncontent-type: application/json",
@@ -25,87 +27,131 @@ struct Row {
     file: String,
     pod: String,
     role: String,
+    protocol: String,
     method: String,
     path: String,
     status: String,
 }
 
+fn first(rows: &[Vec<String>], column: usize) -> String {
+    rows.first().and_then(|r| r.get(column)).filter(|v| !v.is_empty()).cloned().unwrap_or_else(|| "-".into())
+}
+
+/// One table row, read back from the capture: method, path and status as tshark decodes them.
 fn row(files: &CaptureFiles) -> Result<Row> {
     let document = files.document()?;
     let metadata = document.get_document("metadata")?;
-    let request = tshark::fields(&files.pcap, "http.request", &["http.request.method", "http.request.uri"])?;
-    let response = tshark::fields(&files.pcap, "http.response", &["http.response.code"])?;
-    let first = |rows: &[Vec<String>], column: usize| {
-        rows.first().and_then(|r| r.get(column)).cloned().unwrap_or_else(|| "-".into())
+    let role = metadata.get_str("role")?.to_owned();
+    let mut protocol = metadata.get_str("protocol")?.to_owned();
+    let (method, path, status) = if protocol == "http1" {
+        let request = tshark::fields(&files.pcap, "http.request", &["http.request.method", "http.request.uri"])?;
+        let response = tshark::fields(&files.pcap, "http.response", &["http.response.code"])?;
+        (first(&request, 0), first(&request, 1), first(&response, 0))
+    } else {
+        let headers = tshark::fields_decoded(
+            &files.pcap,
+            &tshark::http2_decode_rule(&files.pcap)?,
+            "http2.type == 1",
+            &["http2.header.name", "http2.header.value"],
+        )?;
+        let pairs: Vec<(String, String)> = headers
+            .iter()
+            .flat_map(|row| {
+                row[0]
+                    .split('\u{1f}')
+                    .map(str::to_owned)
+                    .zip(row[1].split('\u{1f}').map(str::to_owned))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let value = |name: &str| pairs.iter().find(|(n, _)| n == name).map_or("-".to_owned(), |(_, v)| v.clone());
+        let status = match value("grpc-status").as_str() {
+            "-" => value(":status"),
+            grpc => format!("{} grpc-status {grpc}", value(":status")),
+        };
+        (value(":method"), value(":path"), status)
     };
+    if document.get_i64("segment").unwrap_or(1) > 1 || !document.get_bool("lastSegment").unwrap_or(true) {
+        protocol = format!("{protocol} (segment {})", document.get_i64("segment").unwrap_or(1));
+    }
     Ok(Row {
         file: files.pcap.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         pod: metadata.get_str("podName")?.to_owned(),
-        role: metadata.get_str("role")?.to_owned(),
-        method: first(&request, 0),
-        path: first(&request, 1),
-        status: first(&response, 0),
+        role,
+        protocol,
+        method,
+        path,
+        status,
     })
+}
+
+fn rows_for(mesh: &Mesh, request_id: &str, rows: &mut Vec<Row>) -> Result<()> {
+    for role in ["consumer", "producer"] {
+        for files in mesh.wait_for_all_segments(role, request_id)? {
+            rows.push(row(&files)?);
+        }
+    }
+    Ok(())
+}
+
+fn print_table(rows: &[Row]) {
+    let columns: [(&str, fn(&Row) -> &str); 7] = [
+        ("FILE", |r| &r.file),
+        ("POD", |r| &r.pod),
+        ("ROLE", |r| &r.role),
+        ("PROTOCOL", |r| &r.protocol),
+        ("METHOD", |r| &r.method),
+        ("PATH", |r| &r.path),
+        ("STATUS", |r| &r.status),
+    ];
+    let widths: Vec<usize> = columns
+        .iter()
+        .map(|(title, get)| rows.iter().map(|r| get(r).len()).chain([title.len()]).max().unwrap_or(0))
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(columns.iter().map(|(title, _)| *title).collect());
+    for row in rows {
+        line(columns.iter().map(|(_, get)| get(row)).collect());
+    }
 }
 
 pub fn run(output_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(output_dir).with_context(|| format!("creating {}", output_dir.display()))?;
-    eprintln!("demo: starting the local mesh (2 Envoy sidecars, aggregator, analysis emulator, sample app)");
+    eprintln!("demo: starting the local mesh (2 Envoy sidecars, aggregator, analysis emulator, sample apps)");
     let mesh = Mesh::start(MeshOptions { output_dir: Some(output_dir.to_owned()), ..Default::default() })?;
     let mut rows = Vec::new();
-    for (head, body) in REQUESTS {
+    for (head, body) in HTTP1_REQUESTS {
         let response = mesh.request(head, body)?;
         let request_id =
             String::from_utf8_lossy(response.header("x-request-id").context("the sidecar returns x-request-id")?)
                 .into_owned();
-        eprintln!("demo: {} → {} (x-request-id {request_id})", head.lines().next().unwrap_or(""), response.status);
-        for role in ["consumer", "producer"] {
-            rows.push(row(&mesh.wait_for_capture(role, &request_id)?)?);
-        }
-    }
-    let widths =
-        |f: fn(&Row) -> &str, title: &str| rows.iter().map(|r| f(r).len()).chain([title.len()]).max().unwrap_or(0);
-    let w = [
-        widths(|r| &r.file, "FILE"),
-        widths(|r| &r.pod, "POD"),
-        widths(|r| &r.role, "ROLE"),
-        widths(|r| &r.method, "METHOD"),
-        widths(|r| &r.path, "PATH"),
-    ];
-    println!("\nCaptures written to {} (read back with tshark):\n", output_dir.display());
-    println!(
-        "{:<a$}  {:<b$}  {:<c$}  {:<d$}  {:<e$}  STATUS",
-        "FILE",
-        "POD",
-        "ROLE",
-        "METHOD",
-        "PATH",
-        a = w[0],
-        b = w[1],
-        c = w[2],
-        d = w[3],
-        e = w[4]
-    );
-    for r in &rows {
-        println!(
-            "{:<a$}  {:<b$}  {:<c$}  {:<d$}  {:<e$}  {}",
-            r.file,
-            r.pod,
-            r.role,
-            r.method,
-            r.path,
-            r.status,
-            a = w[0],
-            b = w[1],
-            c = w[2],
-            d = w[3],
-            e = w[4]
+        eprintln!(
+            "demo: HTTP/1.1 {} → {} (x-request-id {request_id})",
+            head.lines().next().unwrap_or(""),
+            response.status
         );
+        rows_for(&mesh, &request_id, &mut rows)?;
     }
+    let request = http::Request::get("http://reviews:9080/reviews/2").header("user-agent", "demo-h2/1.0").body(())?;
+    let response = clients::h2_request(mesh.client_listener, request, b"", None)?;
+    let request_id = response.headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    eprintln!("demo: HTTP/2 GET /reviews/2 → {} (x-request-id {request_id})", response.status);
+    rows_for(&mesh, &request_id, &mut rows)?;
+    for (call, request_id) in clients::grpc_demo_calls(mesh.client_listener, 5)? {
+        eprintln!("demo: gRPC {call} (x-request-id {request_id})");
+        rows_for(&mesh, &request_id, &mut rows)?;
+    }
+
+    println!("\nCaptures written to {} (read back with tshark):\n", output_dir.display());
+    print_table(&rows);
     println!(
-        "\nOpen one with: wireshark {}/{}   (or: tshark -r ... -Y http)",
-        output_dir.display(),
-        rows.first().map_or("", |r| r.file.as_str())
+        "\nHTTP/1.1: wireshark FILE.pcap, or tshark -r FILE.pcap -Y http\n\
+         HTTP/2 and gRPC: decode the conversation's server port (the first packet's destination) as HTTP/2:\n  \
+         tshark -r FILE.pcap -d tcp.port==$(tshark -r FILE.pcap -c 1 -T fields -e tcp.dstport),http2 -Y http2\n  \
+         (Wireshark: Analyze > Decode As..., TCP port, HTTP2)"
     );
     mesh.shutdown().context("stopping the demo")?;
     eprintln!("demo: every component stopped cleanly");
