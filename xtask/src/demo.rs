@@ -94,8 +94,11 @@ fn rows_for(mesh: &Mesh, request_id: &str, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// A table column: its title and how a row shows in it.
+type Column = (&'static str, fn(&Row) -> &str);
+
 fn print_table(rows: &[Row]) {
-    let columns: [(&str, fn(&Row) -> &str); 7] = [
+    let columns: [Column; 7] = [
         ("FILE", |r| &r.file),
         ("POD", |r| &r.pod),
         ("ROLE", |r| &r.role),
