@@ -9,6 +9,9 @@
 //! (the seed and case number are printed); each protocol's cases share one pcap file, one
 //! conversation per case, so tshark runs once per protocol.
 
+mod common;
+
+use common::grpc_message;
 use packet_inspector_aggregator::{
     assembly::{HttpMessage, Transaction},
     capture,
@@ -70,22 +73,7 @@ fn headers(rng: &mut Rng, count: u64) -> Vec<Header> {
 
 /// gRPC-framed body of valid protobuf messages (field 1, bytes), as gRPC peers send.
 fn grpc_body(rng: &mut Rng) -> Vec<u8> {
-    let mut body = Vec::new();
-    for _ in 0..1 + rng.below(4) {
-        let text = rng.bytes(100);
-        let mut message = vec![0x0a];
-        let mut len = text.len();
-        while len >= 0x80 {
-            message.push((len as u8 & 0x7f) | 0x80);
-            len >>= 7;
-        }
-        message.push(len as u8);
-        message.extend_from_slice(&text);
-        body.push(0);
-        body.extend_from_slice(&(message.len() as u32).to_be_bytes());
-        body.extend_from_slice(&message);
-    }
-    body
+    (0..1 + rng.below(4)).flat_map(|_| grpc_message(&rng.bytes(100))).collect()
 }
 
 fn message(rng: &mut Rng, pseudo: Vec<Header>, grpc: bool, at: u64) -> HttpMessage {

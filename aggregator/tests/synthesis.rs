@@ -2,6 +2,9 @@
 //! decodes as HTTP with no complaints, on IPv4 and IPv6, with bodies over many segments,
 //! chunked bodies with trailers, and truncated bodies.
 
+mod common;
+
+use common::grpc_message;
 use packet_inspector_aggregator::{
     assembly::{HttpMessage, Transaction},
     capture,
@@ -112,23 +115,6 @@ fn truncated_post_on_ipv4_still_decodes() {
     let responses = tshark::fields(&path, "http.response", &["http.response.code"]).unwrap();
     assert_eq!(responses, vec![vec!["201"]]);
     std::fs::remove_file(path).unwrap();
-}
-
-/// A gRPC message: the 5-byte prefix (uncompressed), then a protobuf message whose field 1 is
-/// `text` (Wireshark dissects the payload as protobuf, so it must be valid).
-fn grpc_message(text: &[u8]) -> Vec<u8> {
-    let mut payload = vec![0x0a];
-    let mut len = text.len();
-    while len >= 0x80 {
-        payload.push((len as u8 & 0x7f) | 0x80);
-        len >>= 7;
-    }
-    payload.push(len as u8);
-    payload.extend_from_slice(text);
-    let mut out = vec![0];
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(&payload);
-    out
 }
 
 #[test]

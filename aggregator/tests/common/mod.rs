@@ -181,3 +181,20 @@ pub fn temp_dir(name: &str) -> std::path::PathBuf {
 pub fn stored(output: &Path) -> Vec<String> {
     std::fs::read_dir(output).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
 }
+
+/// A gRPC message: the 5-byte prefix (uncompressed), then a protobuf message whose field 1 is
+/// `text` (Wireshark dissects the payload as protobuf, so it must be valid).
+pub fn grpc_message(text: &[u8]) -> Vec<u8> {
+    let mut payload = vec![0x0a];
+    let mut len = text.len();
+    while len >= 0x80 {
+        payload.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    payload.push(len as u8);
+    payload.extend_from_slice(text);
+    let mut out = vec![0];
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
