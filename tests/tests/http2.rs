@@ -85,6 +85,16 @@ fn http2_exchanges_decode_standalone() {
     trailers.insert("x-checksum", "42".parse().unwrap());
     let echoed = clients::h2_request(mesh.client_listener, request, &upload, Some(trailers)).unwrap();
     assert_eq!(echoed.status, 200);
+    // Over the filter's 64 KiB body limit, both ways (the app echoes it).
+    let large: Vec<u8> = (0..80_000u32).map(|i| (i % 241) as u8).collect();
+    let request = http::Request::post("http://reviews:9080/h2/large")
+        .header("x-request-id", "h2-large")
+        .header("content-type", "application/octet-stream")
+        .header("content-length", large.len().to_string())
+        .body(())
+        .unwrap();
+    let large_echo = clients::h2_request(mesh.client_listener, request, &large, None).unwrap();
+    assert_eq!((large_echo.status, large_echo.body == large), (200, true), "traffic is unchanged");
     let (hello, echoed) = (hello.body, echoed.body);
     assert_eq!(hello, b"hello from reviews-v1\n", "traffic is unchanged");
     assert_eq!(echoed, upload, "traffic is unchanged");
@@ -129,6 +139,24 @@ fn http2_exchanges_decode_standalone() {
             other => panic!("{other:?}"),
         };
         assert_eq!(body, upload, "{role}: the raw body in the BSON");
+
+        // Truncated at the limit: flagged in the BSON, announced on the wire, still decodable.
+        let files = mesh.wait_for_capture(role, "h2-large").unwrap();
+        assert_clean(&mesh, role, &files);
+        let stored = files.document().unwrap();
+        for direction in ["request", "response"] {
+            let message = stored.get_document(direction).unwrap();
+            assert!(message.get_bool("bodyTruncated").unwrap(), "{role} {direction}");
+            assert_eq!(message.get_i64("bodySize").unwrap(), large.len() as i64, "{role} {direction}");
+        }
+        let request = header_pairs(&mesh, role, &files, true);
+        assert!(has(&request, "x-packet-inspector-truncated", "65536 of 80000 bytes captured"), "{role}: {request:?}");
+        assert!(!request.iter().any(|(n, _)| n == "content-length"), "{role}: the stale length is dropped");
+        let data =
+            tshark::fields_decoded(&files.pcap, &mesh.http2_decode_as(role), "http2.type == 0", &["http2.length"])
+                .unwrap();
+        let total: usize = data.iter().flat_map(|r| r[0].split('\u{1f}').map(|v| v.parse::<usize>().unwrap())).sum();
+        assert_eq!(total, 2 * 65_536, "{role}: the captured bytes of both bodies");
     }
     mesh.shutdown().unwrap();
 }
