@@ -75,6 +75,8 @@ pub enum AssemblyError {
     TooLarge(u64, usize),
     #[error("frame for transaction {0} has no kind or an unknown one")]
     Empty(u64),
+    #[error("frame for transaction {0} is not HTTP")]
+    NotHttp(u64),
 }
 
 /// When long-lived streams are cut into segments.
@@ -93,6 +95,7 @@ impl AssemblyError {
             Self::TooManyOpen(..) => "too_many_open",
             Self::TooLarge(..) => "too_large",
             Self::Empty(_) => "empty",
+            Self::NotHttp(_) => "not_http",
         }
     }
 }
@@ -146,6 +149,7 @@ impl Assembler {
         open.transaction.end_ns = open.transaction.end_ns.max(at);
         match kind {
             Kind::Start(_) => return Err(AssemblyError::DuplicateStart(id)),
+            Kind::Diameter(_) => return Err(AssemblyError::NotHttp(id)),
             Kind::Headers(Headers { direction, headers, .. }) => {
                 open.bytes += header_bytes(&headers);
                 let message = open.message(direction);

@@ -6,13 +6,14 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use packet_inspector_proto::{
-    analysis::{self, Capture, HttpExchange},
-    capture::{EndReason, Protocol, SocketAddress},
+    analysis::{self, Capture, DiameterExchange, HttpExchange},
+    capture::{Direction, EndReason, Protocol, SocketAddress},
     pcap::LINKTYPE_ETHERNET,
 };
 
 use crate::{
     assembly::{HttpMessage, Transaction},
+    diameter::{Exchange, Seen},
     http1, http2,
     tcp::{self, BuildError, Side},
 };
@@ -24,6 +25,8 @@ pub enum CaptureError {
     Unsupported(Protocol),
     #[error(transparent)]
     Build(#[from] BuildError),
+    #[error("a Diameter exchange with neither request nor answer")]
+    EmptyExchange,
 }
 
 /// Stand-ins when the proxy reported no address (documentation range, RFC 5737).
@@ -86,6 +89,7 @@ pub fn build(transaction: Transaction, node: &str) -> Result<Capture, CaptureErr
     let records =
         tcp::conversation(client, server, pieces, open_ns, transaction.end_ns, open_ns ^ metadata.connection_id)?;
     Ok(Capture {
+        diameter: None,
         http: Some(HttpExchange {
             request: Some(http_message(&transaction.request)),
             response: transaction.response.as_ref().map(http_message),
@@ -97,6 +101,60 @@ pub fn build(transaction: Transaction, node: &str) -> Result<Capture, CaptureErr
         end_reason: transaction.end_reason as i32,
         segment: transaction.segment,
         last_segment: transaction.last_segment,
+        segment_start_ns: open_ns,
+    })
+}
+
+/// Builds the capture of a Diameter exchange: the request and its answer carried as they were
+/// on the wire, each by the peer that sent it, in a TCP conversation on the connection's real
+/// addresses (Wireshark decodes port 3868 as Diameter without options).
+///
+/// # Errors
+/// [`CaptureError`] when the exchange is empty or a packet cannot be built.
+pub fn build_diameter(exchange: Exchange, node: &str) -> Result<Capture, CaptureError> {
+    let first = exchange.first().ok_or(CaptureError::EmptyExchange)?;
+    let mut metadata = first.message.metadata.clone().unwrap_or_default();
+    if metadata.node.is_empty() {
+        metadata.node = node.to_owned();
+    }
+    metadata.protocol = Protocol::Diameter as i32;
+    let open_ns = first.at_ns;
+    metadata.start_time_ns = open_ns;
+    let client = socket_addr(metadata.downstream_remote.as_ref()).unwrap_or(UNKNOWN_CLIENT);
+    let server = socket_addr(metadata.downstream_local.as_ref()).unwrap_or(UNKNOWN_SERVER);
+    let side =
+        |seen: &Seen| if seen.message.direction == Direction::Response as i32 { Side::Server } else { Side::Client };
+    let pieces: Vec<(Side, http1::Piece)> = [&exchange.request, &exchange.answer]
+        .into_iter()
+        .flatten()
+        .map(|seen| (side(seen), http1::Piece { timestamp_ns: seen.at_ns, bytes: seen.message.message.clone() }))
+        .collect();
+    let end_ns = exchange.answer.as_ref().map_or(open_ns, |answer| answer.at_ns.max(open_ns));
+    let records = tcp::conversation(client, server, pieces, open_ns, end_ns, open_ns ^ metadata.connection_id)?;
+    let ids = &first.message;
+    let diameter = DiameterExchange {
+        request: exchange.request.as_ref().map(|r| r.message.message.clone()).unwrap_or_default(),
+        answer: exchange.answer.as_ref().map(|a| a.message.message.clone()).unwrap_or_default(),
+        answered: exchange.request.is_some() && exchange.answer.is_some(),
+        command_code: ids.command_code,
+        application_id: ids.application_id,
+        hop_by_hop_id: ids.hop_by_hop_id,
+        end_to_end_id: ids.end_to_end_id,
+        request_direction: exchange.request.as_ref().map_or(Direction::Unspecified as i32, |r| r.message.direction),
+        request_time_ns: exchange.request.as_ref().map_or(0, |r| r.at_ns),
+        answer_time_ns: exchange.answer.as_ref().map_or(0, |a| a.at_ns),
+    };
+    let complete = diameter.answered;
+    Ok(Capture {
+        metadata: Some(metadata),
+        http: None,
+        diameter: Some(diameter),
+        link_type: LINKTYPE_ETHERNET,
+        records,
+        end_time_ns: end_ns,
+        end_reason: if complete { EndReason::Complete } else { EndReason::Aborted } as i32,
+        segment: 1,
+        last_segment: true,
         segment_start_ns: open_ns,
     })
 }

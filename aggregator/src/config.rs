@@ -56,6 +56,9 @@ pub struct Args {
     /// ... or once this many body bytes have arrived since its last segment.
     #[arg(long, env = "PI_SEGMENT_BYTES", default_value_t = 1024 * 1024)]
     pub segment_bytes: usize,
+    /// A Diameter request unanswered this long (milliseconds) is captured without its answer.
+    #[arg(long, env = "PI_DIAMETER_ANSWER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub diameter_answer_timeout_ms: u64,
     /// Seconds a SIGTERM/SIGINT shutdown may take to deliver what was accepted.
     #[arg(long, env = "PI_SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
     pub shutdown_grace_seconds: u64,
@@ -104,6 +107,7 @@ impl Args {
         positive("max-open-transactions", self.max_open_transactions)?;
         positive("max-transaction-bytes", self.max_transaction_bytes)?;
         positive("segment-bytes", self.segment_bytes)?;
+        positive("diameter-answer-timeout-ms", usize::try_from(self.diameter_answer_timeout_ms).unwrap_or(usize::MAX))?;
         positive("segment-interval-ms", usize::try_from(self.segment_interval_ms).unwrap_or(usize::MAX))?;
         Ok(())
     }

@@ -1,8 +1,9 @@
 //! The Packet Inspector aggregator: one per node, off the mesh.
 //!
 //! Filters stream frames to it over mTLS gRPC ([`service`]); each stream's frames are assembled
-//! into transactions ([`assembly`]), rendered as HTTP/1.1 text ([`http1`]) carried by a
-//! synthesized TCP conversation ([`tcp`]) and packed as an analysis capture ([`capture`]),
+//! into transactions ([`assembly`]) or paired into Diameter exchanges ([`diameter`]), rendered
+//! as HTTP/1.1 text ([`http1`]) or HTTP/2 frames ([`http2`]) carried by a synthesized TCP
+//! conversation ([`tcp`]) and packed as an analysis capture ([`capture`]),
 //! which the [`forwarder`] delivers to the analysis service over TLS. [`run`] wires them up
 //! for a listener and a shutdown token, so tests bind port 0 and stop it cleanly.
 
@@ -10,6 +11,7 @@ pub mod admin;
 pub mod assembly;
 pub mod capture;
 pub mod config;
+pub mod diameter;
 pub mod forwarder;
 pub mod hpack;
 pub mod http1;
@@ -78,6 +80,7 @@ pub async fn run(
                 max_bytes: args.segment_bytes,
             },
         },
+        diameter_answer_timeout_ns: args.diameter_answer_timeout_ms.saturating_mul(1_000_000),
         node: args.node_name.clone(),
         shutdown: shutdown.clone(),
     };

@@ -50,6 +50,10 @@ metrics! {
     captures_forward_failed_total: "counter",
     /// Captured payload bytes forwarded.
     forwarded_payload_bytes_total: "counter",
+    /// Diameter messages received from filters.
+    diameter_messages_total: "counter",
+    /// Diameter exchanges delivered without an answer (timed out) or without a request.
+    diameter_unpaired_total: "counter",
 }
 
 impl Metrics {

@@ -7,7 +7,7 @@
 use std::{sync::Arc, time::Duration};
 
 use packet_inspector_proto::{
-    capture::{capture_service_server::CaptureService, BatchAck, FrameBatch},
+    capture::{capture_service_server::CaptureService, frame::Kind, BatchAck, FrameBatch},
     tls::PeerInfo,
 };
 use tokio::sync::mpsc;
@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     assembly::{Assembler, Limits, Transaction},
     capture,
+    diameter::{Exchange, Pairer},
     forwarder::Forwarder,
     metrics::Metrics,
 };
@@ -26,6 +27,7 @@ pub struct CaptureServer {
     pub forwarder: Forwarder,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    pub diameter_answer_timeout_ns: u64,
     /// The node this aggregator runs on, for captures whose proxy did not say.
     pub node: String,
     pub shutdown: CancellationToken,
@@ -64,11 +66,34 @@ impl StreamTask {
         }
     }
 
-    fn batch(&self, assembler: &mut Assembler, batch: FrameBatch) {
+    fn finish_diameter(&self, exchanges: Vec<Exchange>) {
+        for exchange in exchanges {
+            if exchange.request.is_none() || exchange.answer.is_none() {
+                Metrics::add(&self.metrics.diameter_unpaired_total, 1);
+            }
+            match capture::build_diameter(exchange, &self.node) {
+                Ok(capture) => {
+                    Metrics::add(&self.metrics.captures_built_total, 1);
+                    self.forwarder.submit(capture);
+                }
+                Err(err) => {
+                    Metrics::add(&self.metrics.captures_unbuildable_total, 1);
+                    tracing::warn!(peer = %self.peer, error = %err, "Diameter exchange not captured");
+                }
+            }
+        }
+    }
+
+    fn batch(&self, assembler: &mut Assembler, pairer: &mut Pairer, batch: FrameBatch) {
         Metrics::add(&self.metrics.batches_received_total, 1);
         Metrics::add(&self.metrics.frames_received_total, batch.frames.len() as u64);
         Metrics::add(&self.metrics.filter_captures_dropped_total, batch.captures_dropped);
         for frame in batch.frames {
+            if let Some(Kind::Diameter(message)) = frame.kind {
+                Metrics::add(&self.metrics.diameter_messages_total, 1);
+                self.finish_diameter(pairer.offer(message, frame.timestamp_ns));
+                continue;
+            }
             match assembler.accept(frame) {
                 Ok(Some(transaction)) => self.finish(transaction),
                 Ok(None) => {}
@@ -102,12 +127,14 @@ impl CaptureService for CaptureServer {
             node: self.node.clone(),
             peer,
         };
-        let (limits, shutdown) = (self.limits, self.shutdown.clone());
+        let (limits, shutdown, diameter_timeout) =
+            (self.limits, self.shutdown.clone(), self.diameter_answer_timeout_ns);
         tracing::info!(peer = %task.peer, "filter stream opened");
         Metrics::add(&task.metrics.streams_total, 1);
         Metrics::add(&task.metrics.streams_open, 1);
         tokio::spawn(async move {
             let mut assembler = Assembler::new(limits);
+            let mut pairer = Pairer::new(diameter_timeout, limits.max_open_transactions);
             // Quiet long-lived streams are segmented on this tick (see `Assembler::sweep`).
             let sweep_every = Duration::from_nanos(limits.segmenting.interval_ns / 4).clamp(SWEEP_MIN, SWEEP_MAX);
             let mut sweep = tokio::time::interval(sweep_every);
@@ -118,14 +145,16 @@ impl CaptureService for CaptureServer {
                     _ = shutdown.cancelled() => break,
                     message = inbound.message() => message,
                     _ = sweep.tick() => {
-                        assembler.sweep(now_ns()).into_iter().for_each(|segment| task.finish(segment));
+                        let now = now_ns();
+                        assembler.sweep(now).into_iter().for_each(|segment| task.finish(segment));
+                        task.finish_diameter(pairer.sweep(now));
                         continue;
                     }
                 };
                 match message {
                     Ok(Some(batch)) => {
                         let sequence = batch.sequence;
-                        task.batch(&mut assembler, batch);
+                        task.batch(&mut assembler, &mut pairer, batch);
                         if acks.send(Ok(BatchAck { sequence })).await.is_err() {
                             break;
                         }
@@ -142,6 +171,7 @@ impl CaptureService for CaptureServer {
                 tracing::info!(peer = %task.peer, transactions = open.len(), "stream ended with open transactions; delivering them as aborted");
             }
             open.into_iter().for_each(|transaction| task.finish(transaction));
+            task.finish_diameter(pairer.drain());
             task.metrics.streams_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(peer = %task.peer, "filter stream closed");
         });

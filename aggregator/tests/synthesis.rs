@@ -169,3 +169,94 @@ fn grpc_streaming_exchange_decodes_as_http2_and_grpc() {
     assert_eq!(tshark::problems_decoded(&path, Some(decode)).unwrap(), Vec::<String>::new());
     std::fs::remove_file(path).unwrap();
 }
+
+/// A Diameter message with the given AVPs (code, UTF-8 or Unsigned32 data), padded as RFC 6733
+/// requires.
+fn diameter_message(request: bool, command: u32, hbh: u32, e2e: u32, avps: &[(u32, Vec<u8>)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (code, data) in avps {
+        body.extend_from_slice(&code.to_be_bytes());
+        body.push(0x40); // M
+        body.extend_from_slice(&((8 + data.len()) as u32).to_be_bytes()[1..]);
+        body.extend_from_slice(data);
+        body.resize(body.len().div_ceil(4) * 4, 0);
+    }
+    let mut out = vec![1];
+    out.extend_from_slice(&((20 + body.len()) as u32).to_be_bytes()[1..]);
+    out.push(if request { 0xc0 } else { 0x40 }); // R, P
+    out.extend_from_slice(&command.to_be_bytes()[1..]);
+    out.extend_from_slice(&4u32.to_be_bytes()); // Credit-Control application
+    out.extend_from_slice(&hbh.to_be_bytes());
+    out.extend_from_slice(&e2e.to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+#[test]
+fn diameter_exchange_decodes_on_3868_without_options() {
+    use packet_inspector_aggregator::diameter::{Exchange, Seen};
+    use packet_inspector_proto::capture::{DiameterMessage, Direction};
+    let at = 1_700_000_000_000_000_000u64;
+    let metadata = TransactionMetadata {
+        pod_name: "diameter-client".into(),
+        protocol: Protocol::Diameter as i32,
+        downstream_remote: Some(SocketAddress { ip: "10.1.0.5".into(), port: 45000 }),
+        downstream_local: Some(SocketAddress { ip: "10.1.0.9".into(), port: 3868 }),
+        connection_id: 7,
+        ..Default::default()
+    };
+    let seen = |request: bool, direction: Direction, bytes: Vec<u8>, at_ns: u64| Seen {
+        message: DiameterMessage {
+            metadata: Some(metadata.clone()),
+            direction: direction as i32,
+            message: bytes,
+            command_code: 272,
+            application_id: 4,
+            request,
+            hop_by_hop_id: 1857878061,
+            end_to_end_id: 1339708294,
+        },
+        at_ns,
+    };
+    let ccr = diameter_message(
+        true,
+        272,
+        1857878061,
+        1339708294,
+        &[(263, b"client;1;1".to_vec()), (264, b"client.example".to_vec())],
+    );
+    let cca = diameter_message(
+        false,
+        272,
+        1857878061,
+        1339708294,
+        &[(263, b"client;1;1".to_vec()), (268, 2001u32.to_be_bytes().to_vec())],
+    );
+    let exchange = Exchange {
+        request: Some(seen(true, Direction::Request, ccr, at)),
+        answer: Some(seen(false, Direction::Response, cca, at + 2_000_000)),
+    };
+    let capture = capture::build_diameter(exchange, "node-a").unwrap();
+    assert_eq!(capture.diameter.as_ref().unwrap().answered, true);
+    let path = std::env::temp_dir().join(format!("pi-synthesis-diameter-{}.pcap", std::process::id()));
+    pcap::write_file(&mut std::fs::File::create(&path).unwrap(), capture.link_type, &capture.records).unwrap();
+    assert_eq!(tshark::problems(&path).unwrap(), Vec::<String>::new());
+    let rows = tshark::fields(
+        &path,
+        "diameter",
+        &[
+            "tcp.srcport",
+            "diameter.cmd.code",
+            "diameter.flags.request",
+            "diameter.hopbyhopid",
+            "diameter.endtoendid",
+            "diameter.Result-Code",
+        ],
+    )
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let (hbh, e2e) = (format!("{:#010x}", 1857878061u32), format!("{:#010x}", 1339708294u32));
+    assert_eq!(rows[0][..5], ["45000", "272", "1", &hbh, &e2e]);
+    assert_eq!(rows[1][..6], ["3868", "272", "0", &hbh, &e2e, "2001"]);
+    std::fs::remove_file(path).unwrap();
+}

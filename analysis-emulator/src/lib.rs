@@ -65,7 +65,7 @@ impl AnalysisService for Emulator {
                 tracing::info!(file = %stem, "capture stored");
                 Ok(Response::new(SubmitReply { stored_as: stem }))
             }
-            Err(err @ (store::StoreError::NoMetadata | store::StoreError::NotHttp)) => {
+            Err(err @ (store::StoreError::NoMetadata | store::StoreError::NoExchange)) => {
                 tracing::warn!(error = %err, "capture refused");
                 Err(Status::invalid_argument(err.to_string()))
             }

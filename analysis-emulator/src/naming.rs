@@ -1,7 +1,8 @@
 //! File names of stored captures, as DESIGN.md fixes them, sanitised whatever the metadata says:
 //!
 //! - HTTP: `<podName>-consumer-<requestId>-<timestampNs>` (or `-producer-`, `-unknown-`
-//!   when the proxy could not tell its side).
+//!   when the proxy could not tell its side);
+//! - Diameter: `<podName>-<endToEndId>-<hopByHopId>-<timestampNs>`, ids in decimal.
 //!
 //! Each component keeps `[A-Za-z0-9._]` and turns anything else, path separators included,
 //! into `_`; a leading dot is replaced so no name is hidden or `..`; components are capped so
@@ -50,6 +51,16 @@ pub fn http_stem(metadata: &TransactionMetadata, timestamp_ns: u64) -> String {
     )
 }
 
+/// The file name stem of a Diameter capture.
+pub fn diameter_stem(
+    metadata: &TransactionMetadata,
+    end_to_end_id: u32,
+    hop_by_hop_id: u32,
+    timestamp_ns: u64,
+) -> String {
+    format!("{}-{end_to_end_id}-{hop_by_hop_id}-{timestamp_ns}", sanitize(&metadata.pod_name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,6 +80,16 @@ mod tests {
         );
         let producer = TransactionMetadata { role: Role::Producer as i32, ..metadata };
         assert!(http_stem(&producer, 1).ends_with("-producer-5c8b4a3e-95a4-4f4e-9a37-1f0e3cbd1d12-1"));
+    }
+
+    #[test]
+    fn diameter_names_follow_the_design() {
+        let metadata =
+            TransactionMetadata { pod_name: "diameter-client-6464c65b66-4c8jl".into(), ..Default::default() };
+        assert_eq!(
+            diameter_stem(&metadata, 1339708294, 1857878061, 1675782061987009574),
+            "diameter-client-6464c65b66-4c8jl-1339708294-1857878061-1675782061987009574"
+        );
     }
 
     #[test]

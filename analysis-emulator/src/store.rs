@@ -10,8 +10,8 @@ use std::{
 
 use bson::{doc, spec::BinarySubtype, Binary, Bson, Document};
 use packet_inspector_proto::{
-    analysis::{Capture, HttpMessage},
-    capture::{Header, SocketAddress, TransactionMetadata},
+    analysis::{Capture, DiameterExchange, HttpMessage},
+    capture::{Direction, Header, SocketAddress, TransactionMetadata},
     pcap,
 };
 
@@ -21,8 +21,8 @@ use crate::naming;
 pub enum StoreError {
     #[error("capture has no metadata")]
     NoMetadata,
-    #[error("capture has no HTTP exchange (only HTTP captures are stored so far)")]
-    NotHttp,
+    #[error("capture has neither an HTTP nor a Diameter exchange")]
+    NoExchange,
     #[error("cannot write {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("cannot encode BSON: {0}")]
@@ -90,23 +90,48 @@ fn metadata(m: &TransactionMetadata) -> Document {
     }
 }
 
+fn diameter(exchange: &DiameterExchange) -> Document {
+    doc! {
+        "request": binary(&exchange.request),
+        "answer": binary(&exchange.answer),
+        "answered": exchange.answered,
+        "commandCode": exchange.command_code as i64,
+        "applicationId": exchange.application_id as i64,
+        "hopByHopId": exchange.hop_by_hop_id as i64,
+        "endToEndId": exchange.end_to_end_id as i64,
+        "requestDirection": match exchange.request_direction() {
+            Direction::Request => "downstream",
+            Direction::Response => "upstream",
+            Direction::Unspecified => "none",
+        },
+        "requestTimeNs": exchange.request_time_ns as i64,
+        "answerTimeNs": exchange.answer_time_ns as i64,
+    }
+}
+
 /// The BSON document of a capture.
 ///
 /// # Errors
-/// [`StoreError`] when the capture lacks metadata or an HTTP exchange.
+/// [`StoreError`] when the capture lacks metadata or an exchange.
 pub fn document(capture: &Capture) -> Result<Document, StoreError> {
     let meta = capture.metadata.as_ref().ok_or(StoreError::NoMetadata)?;
-    let http = capture.http.as_ref().ok_or(StoreError::NotHttp)?;
-    Ok(doc! {
-        "metadata": metadata(meta),
-        "request": http.request.as_ref().map_or(Bson::Null, |m| Bson::Document(message(m))),
-        "response": http.response.as_ref().map_or(Bson::Null, |m| Bson::Document(message(m))),
-        "endTimeNs": capture.end_time_ns as i64,
-        "endReason": short(capture.end_reason().as_str_name(), "END_REASON_"),
-        "segment": capture.segment as i64,
-        "lastSegment": capture.last_segment,
-        "segmentStartNs": capture.segment_start_ns as i64,
-    })
+    let mut document = doc! { "metadata": metadata(meta) };
+    match (&capture.http, &capture.diameter) {
+        (Some(http), _) => {
+            document.insert("request", http.request.as_ref().map_or(Bson::Null, |m| Bson::Document(message(m))));
+            document.insert("response", http.response.as_ref().map_or(Bson::Null, |m| Bson::Document(message(m))));
+        }
+        (None, Some(exchange)) => {
+            document.insert("diameter", diameter(exchange));
+        }
+        (None, None) => return Err(StoreError::NoExchange),
+    }
+    document.insert("endTimeNs", capture.end_time_ns as i64);
+    document.insert("endReason", short(capture.end_reason().as_str_name(), "END_REASON_"));
+    document.insert("segment", capture.segment as i64);
+    document.insert("lastSegment", capture.last_segment);
+    document.insert("segmentStartNs", capture.segment_start_ns as i64);
+    Ok(document)
 }
 
 fn write_atomically(
@@ -138,7 +163,10 @@ pub fn store(dir: &Path, capture: &Capture) -> Result<String, StoreError> {
     let document = document(capture)?;
     let metadata = capture.metadata.as_ref().ok_or(StoreError::NoMetadata)?;
     let timestamp_ns = if capture.segment_start_ns > 0 { capture.segment_start_ns } else { metadata.start_time_ns };
-    let stem = naming::http_stem(metadata, timestamp_ns);
+    let stem = match &capture.diameter {
+        Some(exchange) => naming::diameter_stem(metadata, exchange.end_to_end_id, exchange.hop_by_hop_id, timestamp_ns),
+        None => naming::http_stem(metadata, timestamp_ns),
+    };
     let bytes = document.to_vec()?;
     write_atomically(dir, &format!("{stem}.bson"), |out| out.write_all(&bytes))?;
     write_atomically(dir, &format!("{stem}.pcap"), |out| pcap::write_file(out, capture.link_type, &capture.records))?;

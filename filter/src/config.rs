@@ -32,6 +32,17 @@ pub enum RoleSetting {
     Producer,
 }
 
+/// What the plugin captures, and so how Envoy must load it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CaptureProtocol {
+    /// HTTP/1.1, HTTP/2 and gRPC: loaded as an HTTP filter (`envoy.filters.http.wasm`).
+    Http,
+    /// Diameter over TCP: loaded as a network filter before `tcp_proxy`
+    /// (`envoy.filters.network.wasm`).
+    Diameter,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -52,6 +63,12 @@ pub struct Config {
     pub gateway: bool,
     /// Pod labels copied into the metadata of each capture.
     pub labels: Vec<String>,
+    pub protocol: CaptureProtocol,
+    /// Diameter is captured on connections to this port (the listener's, which is the original
+    /// destination port in a mesh); 0 captures every connection the filter sees.
+    pub diameter_port: u16,
+    /// Longer Diameter messages are let through uncaptured (and counted).
+    pub max_diameter_message_bytes: usize,
 }
 
 #[derive(Deserialize)]
@@ -74,6 +91,12 @@ struct RawConfig {
     gateway: bool,
     #[serde(default = "defaults::labels")]
     labels: Vec<String>,
+    #[serde(default = "defaults::protocol")]
+    protocol: CaptureProtocol,
+    #[serde(default = "defaults::diameter_port")]
+    diameter_port: u16,
+    #[serde(default = "defaults::max_diameter_message_bytes")]
+    max_diameter_message_bytes: usize,
 }
 
 mod defaults {
@@ -94,6 +117,15 @@ mod defaults {
     }
     pub fn role() -> super::RoleSetting {
         super::RoleSetting::Auto
+    }
+    pub fn protocol() -> super::CaptureProtocol {
+        super::CaptureProtocol::Http
+    }
+    pub fn diameter_port() -> u16 {
+        3868
+    }
+    pub fn max_diameter_message_bytes() -> usize {
+        1024 * 1024
     }
     pub fn labels() -> Vec<String> {
         ["app", "version", "app.kubernetes.io/name", "app.kubernetes.io/version"].map(String::from).to_vec()
@@ -138,6 +170,12 @@ impl Config {
         if !(1..=64).contains(&raw.max_batches_in_flight) {
             return invalid("maxBatchesInFlight", format!("is {}; must be 1 to 64", raw.max_batches_in_flight));
         }
+        if !(20..=16 * 1024 * 1024).contains(&raw.max_diameter_message_bytes) {
+            return invalid(
+                "maxDiameterMessageBytes",
+                format!("is {}; must be 20 (a bare header) to 16777216", raw.max_diameter_message_bytes),
+            );
+        }
         if raw.labels.iter().any(|label| label.is_empty()) {
             return invalid("labels", "must not contain an empty label name".into());
         }
@@ -151,6 +189,9 @@ impl Config {
             role: raw.role,
             gateway: raw.gateway,
             labels: raw.labels,
+            protocol: raw.protocol,
+            diameter_port: raw.diameter_port,
+            max_diameter_message_bytes: raw.max_diameter_message_bytes,
         })
     }
 }
@@ -210,6 +251,22 @@ mod tests {
                 other => panic!("{key}: expected Invalid, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn diameter_mode() {
+        let config = Config::from_json(br#"{"cluster":"c","protocol":"diameter","diameterPort":3869}"#).unwrap();
+        assert_eq!(
+            (config.protocol, config.diameter_port, config.max_diameter_message_bytes),
+            (CaptureProtocol::Diameter, 3869, 1 << 20)
+        );
+        assert_eq!(Config::from_json(br#"{"cluster":"c"}"#).unwrap().diameter_port, 3868);
+        assert!(matches!(Config::from_json(br#"{"cluster":"c","protocol":"sip"}"#), Err(ConfigError::Syntax(_))));
+        assert!(matches!(Config::from_json(br#"{"cluster":"c","diameterPort":70000}"#), Err(ConfigError::Syntax(_))));
+        assert!(matches!(
+            Config::from_json(br#"{"cluster":"c","maxDiameterMessageBytes":4}"#),
+            Err(ConfigError::Invalid { key: "maxDiameterMessageBytes", .. })
+        ));
     }
 
     #[test]

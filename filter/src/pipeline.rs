@@ -33,10 +33,18 @@ pub enum Counter {
     StreamsOpened,
     StreamsReady,
     StreamsClosed,
+    /// Diameter messages framed (captured or dropped).
+    DiameterMessages,
+    /// Diameter messages over `maxDiameterMessageBytes`, let through uncaptured.
+    DiameterOversized,
+    /// Connection directions whose bytes stopped being Diameter (capture stops there).
+    DiameterFramingErrors,
+    /// Connections that ended inside a Diameter message.
+    DiameterTruncated,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 13] = [
         Counter::CapturesStarted,
         Counter::CapturesDropped,
         Counter::FramesDropped,
@@ -46,6 +54,10 @@ impl Counter {
         Counter::StreamsOpened,
         Counter::StreamsReady,
         Counter::StreamsClosed,
+        Counter::DiameterMessages,
+        Counter::DiameterOversized,
+        Counter::DiameterFramingErrors,
+        Counter::DiameterTruncated,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +71,10 @@ impl Counter {
             Counter::StreamsOpened => "packet_inspector.streams_opened",
             Counter::StreamsReady => "packet_inspector.streams_ready",
             Counter::StreamsClosed => "packet_inspector.streams_closed",
+            Counter::DiameterMessages => "packet_inspector.diameter_messages",
+            Counter::DiameterOversized => "packet_inspector.diameter_oversized",
+            Counter::DiameterFramingErrors => "packet_inspector.diameter_framing_errors",
+            Counter::DiameterTruncated => "packet_inspector.diameter_truncated",
         }
     }
 }
@@ -286,7 +302,8 @@ impl Pipeline {
         self.unreported_drops += 1;
     }
 
-    fn warn(&mut self, host: &mut impl Host, message: &str) {
+    /// Logs a warning, at most once per interval (a flood of failures must not flood the log).
+    pub fn warn(&mut self, host: &mut impl Host, message: &str) {
         let now = host.now_ns();
         if self.last_warning_ns.is_none_or(|last| now.saturating_sub(last) >= WARN_INTERVAL_NS) {
             self.last_warning_ns = Some(now);

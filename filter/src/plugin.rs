@@ -1,20 +1,24 @@
 //! The proxy-wasm contexts: the thin edge between Envoy and the host-free pipeline.
 //!
 //! One [`CaptureRoot`] per VM (each worker thread and the main thread) owns the config, the
-//! node identity and the [`Pipeline`] (with its gRPC stream); every [`CaptureHttp`] context of
-//! that VM shares them through `Rc<RefCell<_>>` and records its exchange as it passes. Every
-//! callback returns `Continue`: capture never holds traffic.
+//! node identity and the [`Pipeline`] (with its gRPC stream); every [`CaptureHttp`] (HTTP
+//! filter) or [`CaptureDiameter`] (network filter) context of that VM shares them through
+//! `Rc<RefCell<_>>` and records its traffic as it passes. Every callback returns `Continue`:
+//! capture never holds traffic.
 
 use std::{cell::RefCell, rc::Rc, time::Duration};
 
-use packet_inspector_proto::capture::{Direction, Frame, Header, Role, TransactionMetadata};
+use packet_inspector_proto::capture::{
+    frame::Kind, DiameterMessage, Direction, Frame, Header, Protocol, Role, TransactionMetadata,
+};
 use proxy_wasm::{
-    traits::{Context, HttpContext, RootContext},
+    traits::{Context, HttpContext, RootContext, StreamContext},
     types::{Action, BufferType, ContextType, LogLevel, MapType},
 };
 
 use crate::{
-    config::Config,
+    config::{CaptureProtocol, Config, RoleSetting},
+    diameter::{self, Event, Framer},
     host,
     metadata::{self, NodeIdentity},
     pairs,
@@ -147,14 +151,36 @@ impl RootContext for CaptureRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let shared = self.shared.clone()?;
-        Some(Box::new(CaptureHttp { shared, transaction: None }))
+        // `None` would make the SDK panic; without a configuration (which Envoy does not let
+        // happen) traffic still passes.
+        Some(match self.shared.clone() {
+            Some(shared) => Box::new(CaptureHttp { shared, transaction: None }),
+            None => Box::new(PassThrough),
+        })
+    }
+
+    fn create_stream_context(&self, _context_id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(match self.shared.clone() {
+            Some(shared) => Box::new(CaptureDiameter::new(shared)),
+            None => Box::new(PassThrough),
+        })
     }
 
     fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+        let protocol = self.shared.as_ref().map_or(CaptureProtocol::Http, |shared| shared.borrow().config.protocol);
+        Some(match protocol {
+            CaptureProtocol::Http => ContextType::HttpContext,
+            CaptureProtocol::Diameter => ContextType::StreamContext,
+        })
     }
 }
+
+/// Lets traffic through untouched.
+struct PassThrough;
+
+impl Context for PassThrough {}
+impl HttpContext for PassThrough {}
+impl StreamContext for PassThrough {}
 
 fn property(path: &[&str]) -> Option<Vec<u8>> {
     host::property(path).ok().flatten()
@@ -172,6 +198,40 @@ fn read_node_identity(config: &Config) -> NodeIdentity {
         })
         .unwrap_or_default();
     NodeIdentity { pod_name: text("NAME"), namespace: text("NAMESPACE"), workload: text("WORKLOAD_NAME"), labels }
+}
+
+/// What every capture of this connection shares: identity, role, protocol, addresses.
+fn connection_metadata(shared: &Shared, protocol: Protocol, now: u64) -> TransactionMetadata {
+    let role = match shared.config.role {
+        RoleSetting::Auto => metadata::role(
+            RoleSetting::Auto,
+            metadata::property_i64(property(&["xds", "listener_direction"]).as_deref()),
+        ),
+        setting => metadata::role(setting, None),
+    };
+    if role == Role::Unspecified {
+        // Still captured; the capture is named "unknown" instead of consumer/producer.
+        log(LogLevel::Debug, "packet-inspector: no listener direction; role unspecified");
+    }
+    let node = &shared.node;
+    TransactionMetadata {
+        pod_name: node.pod_name.clone(),
+        namespace: node.namespace.clone(),
+        workload: node.workload.clone(),
+        node: String::new(),
+        labels: node.labels.clone(),
+        role: role as i32,
+        gateway: shared.config.gateway,
+        protocol: protocol as i32,
+        downstream_remote: metadata::socket_address(property(&["source", "address"]).as_deref()),
+        downstream_local: metadata::socket_address(property(&["destination", "address"]).as_deref()),
+        upstream: None,
+        request_id: String::new(),
+        connection_id: property(&["connection", "id"])
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+            .map_or(0, u64::from_le_bytes),
+        start_time_ns: now,
+    }
 }
 
 fn headers(map_type: MapType) -> Vec<Header> {
@@ -297,5 +357,98 @@ impl HttpContext for CaptureHttp {
         let upstream = metadata::socket_address(property(&["upstream", "address"]).as_deref());
         self.record(|txn, now| Some(txn.end(now, upstream)));
         self.transaction = None;
+    }
+}
+
+/// Frames the Diameter messages of one TCP connection, each direction on its own.
+struct CaptureDiameter {
+    shared: Rc<RefCell<Shared>>,
+    /// `None` until the connection is known to be captured.
+    metadata: Option<TransactionMetadata>,
+    framers: [Framer; 2],
+}
+
+impl CaptureDiameter {
+    fn new(shared: Rc<RefCell<Shared>>) -> Self {
+        let max = shared.borrow().config.max_diameter_message_bytes;
+        Self { shared, metadata: None, framers: [Framer::new(max), Framer::new(max)] }
+    }
+
+    fn data(&mut self, direction: Direction, buffer: BufferType, size: usize, end_of_stream: bool) {
+        let Some(metadata) = &self.metadata else { return };
+        let framer = match direction {
+            Direction::Response => &mut self.framers[1],
+            _ => &mut self.framers[0],
+        };
+        if framer.is_broken() {
+            return;
+        }
+        let events =
+            if size > 0 { framer.push(&host::buffer(buffer, 0, size).unwrap_or_default()) } else { Vec::new() };
+        let truncated = end_of_stream && framer.finish() > 0;
+        let mut shared = self.shared.borrow_mut();
+        let now = now_ns();
+        shared.with_pipeline(|pipeline, host| {
+            for event in events {
+                match event {
+                    Event::Message(message) => {
+                        host.count(Counter::DiameterMessages, 1);
+                        let Some(header) = diameter::header(&message) else { continue };
+                        let Some(id) = pipeline.begin(host) else { continue };
+                        let frame = Frame {
+                            transaction_id: id,
+                            timestamp_ns: now,
+                            kind: Some(Kind::Diameter(DiameterMessage {
+                                metadata: Some(metadata.clone()),
+                                direction: direction as i32,
+                                message,
+                                command_code: header.command_code,
+                                application_id: header.application_id,
+                                request: header.request,
+                                hop_by_hop_id: header.hop_by_hop_id,
+                                end_to_end_id: header.end_to_end_id,
+                            })),
+                        };
+                        pipeline.record(host, Fate::Recording, frame);
+                    }
+                    Event::Oversized { length } => {
+                        host.count(Counter::DiameterOversized, 1);
+                        log(LogLevel::Debug, &format!("packet-inspector: Diameter message of {length} bytes not captured (maxDiameterMessageBytes)"));
+                    }
+                    Event::Broken(error) => {
+                        host.count(Counter::DiameterFramingErrors, 1);
+                        let message = format!("packet-inspector: not Diameter any more ({error}); capture stops for this connection direction");
+                        pipeline.warn(host, &message);
+                    }
+                }
+            }
+            if truncated {
+                host.count(Counter::DiameterTruncated, 1);
+            }
+        });
+    }
+}
+
+impl Context for CaptureDiameter {}
+
+impl StreamContext for CaptureDiameter {
+    fn on_new_connection(&mut self) -> Action {
+        let shared = self.shared.borrow();
+        let port = shared.config.diameter_port;
+        let local_port = metadata::property_i64(property(&["destination", "port"]).as_deref());
+        if port == 0 || local_port == Some(i64::from(port)) {
+            self.metadata = Some(connection_metadata(&shared, Protocol::Diameter, now_ns()));
+        }
+        Action::Continue
+    }
+
+    fn on_downstream_data(&mut self, size: usize, end_of_stream: bool) -> Action {
+        self.data(Direction::Request, BufferType::DownstreamData, size, end_of_stream);
+        Action::Continue
+    }
+
+    fn on_upstream_data(&mut self, size: usize, end_of_stream: bool) -> Action {
+        self.data(Direction::Response, BufferType::UpstreamData, size, end_of_stream);
+        Action::Continue
     }
 }
