@@ -237,7 +237,7 @@ fn diameter_exchange_decodes_on_3868_without_options() {
         answer: Some(seen(false, Direction::Response, cca, at + 2_000_000)),
     };
     let capture = capture::build_diameter(exchange, "node-a").unwrap();
-    assert_eq!(capture.diameter.as_ref().unwrap().answered, true);
+    assert!(capture.diameter.as_ref().unwrap().answered);
     let path = std::env::temp_dir().join(format!("pi-synthesis-diameter-{}.pcap", std::process::id()));
     pcap::write_file(&mut std::fs::File::create(&path).unwrap(), capture.link_type, &capture.records).unwrap();
     assert_eq!(tshark::problems(&path).unwrap(), Vec::<String>::new());
