@@ -8,7 +8,11 @@
 //! ```
 //!
 //! Both sidecars are real Envoys configured from `samples/local-demo/*.yaml`, carrying Istio's
-//! node metadata and running the built filter on V8.
+//! node metadata and running the built filter on V8: as an HTTP filter (HTTP/1.1 and HTTP/2 to
+//! the sample HTTP app and the sample gRPC service) and as a network filter on TCP proxies for
+//! Diameter (real `python-diameter` peers, `samples/diameter-peers/peer.py`). The Diameter
+//! listeners use port 3868, where Wireshark decodes Diameter with no options, on loopback
+//! addresses of their own for each run.
 
 use std::{
     net::SocketAddr,
@@ -36,9 +40,11 @@ pub const SERVER_WORKLOAD: &str = "reviews-v1";
 pub const AGGREGATOR_SAN: &str = "packet-inspector-aggregator.istio-system.svc";
 /// The analysis service's host as the aggregator is told it (and as its certificate says).
 pub const ANALYSIS_HOST: &str = "localhost";
-/// Root contexts per sidecar, each with its own capture stream: the one worker
-/// (`--concurrency 1`) and the main thread.
-pub const ROOT_CONTEXTS: u64 = 2;
+/// Capture streams per sidecar: each root context has its own, and there is one per thread
+/// (the one worker of `--concurrency 1` and the main thread) and per plugin (HTTP, Diameter).
+pub const CAPTURE_STREAMS: u64 = 4;
+/// The Diameter port, where Wireshark decodes Diameter without options.
+pub const DIAMETER_PORT: u16 = 3868;
 const STARTUP: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
@@ -94,6 +100,12 @@ pub struct Mesh {
     pub client_listener: SocketAddr,
     /// The server sidecar's inbound (mTLS) listener.
     pub server_listener: SocketAddr,
+    /// Where the client pod's Diameter peer connects (the client sidecar's TCP proxy).
+    pub client_diameter: SocketAddr,
+    /// The server sidecar's inbound Diameter listener (mTLS).
+    pub server_diameter: SocketAddr,
+    diameter_app_port: u16,
+    diameter_app: Option<Process>,
     pub aggregator_port: u16,
     pub aggregator_admin_port: u16,
     client_admin: u16,
@@ -145,10 +157,15 @@ impl Mesh {
 
         let app = SampleApp::start(SERVER_WORKLOAD)?;
         let grpc_app = GrpcApp::start()?;
+        let (client_diameter, server_diameter) = diameter_addresses()?;
         let mut mesh = Self {
             output_dir,
             client_listener: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
             server_listener: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            client_diameter,
+            server_diameter,
+            diameter_app_port: free_port()?,
+            diameter_app: None,
             aggregator_port: free_port()?,
             aggregator_admin_port: free_port()?,
             client_admin: free_port()?,
@@ -166,12 +183,16 @@ impl Mesh {
         };
         mesh.start_emulator()?;
         mesh.start_aggregator()?;
+        mesh.start_diameter_app()?;
         let filter_config = options.filter_config.clone().unwrap_or_else(|| {
             format!(
                 r#"{{"cluster":"packet_inspector_aggregator","maxBodyBytes":{},"flushIntervalMs":50}}"#,
                 options.max_body_bytes
             )
         });
+        let diameter_config = format!(
+            r#"{{"cluster":"packet_inspector_aggregator","protocol":"diameter","diameterPort":{DIAMETER_PORT},"flushIntervalMs":50}}"#
+        );
         let wasm = tools::wasm()?;
         let common = |certs: &Path, admin: u16, listen: u16, upstream: u16| {
             vec![
@@ -184,6 +205,7 @@ impl Mesh {
                 ("CERTS", certs.display().to_string()),
                 ("WASM", wasm.display().to_string()),
                 ("FILTER_CONFIG", filter_config.clone()),
+                ("DIAMETER_FILTER_CONFIG", diameter_config.clone()),
             ]
         };
         let mut server_values =
@@ -192,10 +214,17 @@ impl Mesh {
             ("POD_NAME", SERVER_POD.to_owned()),
             ("WORKLOAD", SERVER_WORKLOAD.to_owned()),
             ("GRPC_PORT", mesh._grpc_app.port.to_string()),
+            ("DIAMETER_LISTEN_IP", mesh.server_diameter.ip().to_string()),
+            ("DIAMETER_APP_PORT", mesh.diameter_app_port.to_string()),
         ]);
         let mut client_values =
             common(&certs.join("client"), mesh.client_admin, mesh.client_listener.port(), mesh.server_listener.port());
-        client_values.extend([("POD_NAME", CLIENT_POD.to_owned()), ("WORKLOAD", CLIENT_WORKLOAD.to_owned())]);
+        client_values.extend([
+            ("POD_NAME", CLIENT_POD.to_owned()),
+            ("WORKLOAD", CLIENT_WORKLOAD.to_owned()),
+            ("DIAMETER_LISTEN_IP", mesh.client_diameter.ip().to_string()),
+            ("DIAMETER_UPSTREAM_IP", mesh.server_diameter.ip().to_string()),
+        ]);
         let samples = workspace_root().join("samples/local-demo");
         mesh.server_envoy = Some(mesh.start_envoy(
             "server-sidecar",
@@ -211,7 +240,7 @@ impl Mesh {
         )?);
         for sidecar in [Sidecar::Client, Sidecar::Server] {
             let ready = wait_for(&format!("{sidecar:?} sidecar's capture stream"), STARTUP, || {
-                mesh.counter(sidecar, "streams_ready").ok().filter(|n| *n >= ROOT_CONTEXTS)
+                mesh.counter(sidecar, "streams_ready").ok().filter(|n| *n >= CAPTURE_STREAMS)
             });
             if let Err(err) = ready {
                 bail!("{err}\n{}", mesh.log_tails(40));
@@ -263,6 +292,81 @@ impl Mesh {
         let process = Process::spawn("analysis-emulator", command, &self.dir.join("analysis-emulator.log"))?;
         self.emulator = Some(wait_listening(process, self.analysis_port)?);
         Ok(())
+    }
+
+    fn start_diameter_app(&mut self) -> Result<()> {
+        let mut command = Command::new(tools::python()?);
+        command.arg(workspace_root().join("samples/diameter-peers/peer.py")).args([
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &self.diameter_app_port.to_string(),
+        ]);
+        let process = Process::spawn("diameter-server", command, &self.dir.join("diameter-server.log"))?;
+        self.diameter_app = Some(wait_listening(process, self.diameter_app_port)?);
+        Ok(())
+    }
+
+    /// Runs the client pod's Diameter peer to the end through the client sidecar: CER/CEA,
+    /// `requests` CCR/CCA, DWR/DWA while it lingers, DPR/DPA. Returns its answers.
+    pub fn run_diameter_client(&self, requests: u32) -> Result<Vec<DiameterAnswer>> {
+        let log = self.dir.join("diameter-client.log");
+        let mut command = Command::new(tools::python()?);
+        command.arg(workspace_root().join("samples/diameter-peers/peer.py")).args([
+            "client",
+            "--host",
+            &self.client_diameter.ip().to_string(),
+            "--port",
+            &DIAMETER_PORT.to_string(),
+            "--requests",
+            &requests.to_string(),
+        ]);
+        let mut process = Process::spawn("diameter-client", command, &log)?;
+        let status = wait_for("the Diameter client to finish", Duration::from_secs(60), || process.exited());
+        let output = process.log_text();
+        match status {
+            Ok(status) if status.success() => {}
+            Ok(status) => bail!("the Diameter client failed ({status}):\n{}", process.tail(40)),
+            Err(err) => bail!("{err}:\n{}", process.tail(40)),
+        }
+        output
+            .lines()
+            .filter_map(|line| line.strip_prefix("CCA "))
+            .map(|line| {
+                let field = |name: &str| -> Result<u32> {
+                    let value = line
+                        .split_whitespace()
+                        .find_map(|kv| kv.strip_prefix(name))
+                        .context(format!("{name} in {line:?}"))?;
+                    Ok(value.parse()?)
+                };
+                Ok(DiameterAnswer {
+                    result_code: field("result=")?,
+                    hop_by_hop_id: field("hop_by_hop=")?,
+                    end_to_end_id: field("end_to_end=")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every stored Diameter capture of `pod`.
+    pub fn diameter_captures(&self, pod: &str) -> Vec<CaptureFiles> {
+        let mut found: Vec<CaptureFiles> = std::fs::read_dir(&self.output_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| {
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                name.starts_with(&format!("{pod}-")) && name.ends_with(".pcap")
+            })
+            .map(|pcap| CaptureFiles { bson: pcap.with_extension("bson"), pcap })
+            .filter(|files| files.bson.is_file())
+            .filter(|files| files.document().is_ok_and(|d| d.get_document("diameter").is_ok()))
+            .collect();
+        found.sort_by(|a, b| a.pcap.cmp(&b.pcap));
+        found
     }
 
     /// Starts (or restarts, on the same ports) the aggregator.
@@ -383,7 +487,13 @@ impl Mesh {
     /// cleanly. (Dropping a `Mesh` also stops everything, without the check.)
     pub fn shutdown(mut self) -> Result<()> {
         let mut unclean = Vec::new();
-        for slot in [&mut self.client_envoy, &mut self.server_envoy, &mut self.aggregator, &mut self.emulator] {
+        for slot in [
+            &mut self.client_envoy,
+            &mut self.server_envoy,
+            &mut self.diameter_app,
+            &mut self.aggregator,
+            &mut self.emulator,
+        ] {
             if let Some(mut process) = slot.take() {
                 match process.stop(Duration::from_secs(30)) {
                     Some(status) if status.success() => {}
@@ -398,7 +508,9 @@ impl Mesh {
     }
 
     fn processes(&self) -> impl Iterator<Item = &Process> {
-        [&self.client_envoy, &self.server_envoy, &self.aggregator, &self.emulator].into_iter().flatten()
+        [&self.client_envoy, &self.server_envoy, &self.diameter_app, &self.aggregator, &self.emulator]
+            .into_iter()
+            .flatten()
     }
 
     /// The tail of every component's log.
@@ -420,12 +532,43 @@ impl Drop for Mesh {
                 self.log_tails(40)
             );
         } else {
-            for slot in [&mut self.client_envoy, &mut self.server_envoy, &mut self.aggregator, &mut self.emulator] {
+            for slot in [
+                &mut self.client_envoy,
+                &mut self.server_envoy,
+                &mut self.diameter_app,
+                &mut self.aggregator,
+                &mut self.emulator,
+            ] {
                 slot.take();
             }
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// One Credit-Control answer the client peer received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiameterAnswer {
+    pub result_code: u32,
+    pub hop_by_hop_id: u32,
+    pub end_to_end_id: u32,
+}
+
+/// Two loopback addresses (client side, server side) whose port 3868 is free, different for
+/// each run so meshes of parallel tests do not collide.
+fn diameter_addresses() -> Result<(SocketAddr, SocketAddr)> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let base = std::process::id() % 200 + 20;
+    for _ in 0..50 {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (second, third) = ((base + n / 250) % 250 + 2, n % 250 + 2);
+        let client = SocketAddr::from(([127, second as u8, third as u8, 1], DIAMETER_PORT));
+        let server = SocketAddr::from(([127, second as u8, third as u8, 2], DIAMETER_PORT));
+        if std::net::TcpListener::bind(client).is_ok() && std::net::TcpListener::bind(server).is_ok() {
+            return Ok((client, server));
+        }
+    }
+    bail!("no loopback address with port {DIAMETER_PORT} free")
 }
 
 fn wait_listening(mut process: Process, port: u16) -> Result<Process> {

@@ -27,6 +27,16 @@ pub fn envoy() -> Result<PathBuf> {
     bail!("Envoy not found under {} (run `cargo xtask setup`, or set PI_ENVOY)", lib.display())
 }
 
+/// The virtualenv's Python, which has the Diameter peers' library (PyPI `python-diameter`).
+pub fn python() -> Result<PathBuf> {
+    let python = venv().join("bin/python");
+    if python.is_file() {
+        Ok(python)
+    } else {
+        bail!("{} is missing (run `cargo xtask setup`)", python.display())
+    }
+}
+
 pub fn tshark() -> Result<PathBuf> {
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
         let candidate = PathBuf::from(dir).join("tshark");

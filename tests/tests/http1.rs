@@ -287,13 +287,13 @@ fn aggregator_outage_costs_captures_never_requests() {
     let dropped = mesh.counter(Sidecar::Client, "captures_dropped").unwrap() - dropped_before;
     assert!(dropped >= 1, "drops during the outage are counted in Envoy stats");
 
-    // Every root context (the worker's and the main thread's) reconnects by itself.
+    // Every root context (per thread and per plugin) reconnects by itself.
     let sidecars = [Sidecar::Client, Sidecar::Server];
     let ready_before = sidecars.map(|sidecar| mesh.counter(sidecar, "streams_ready").unwrap());
     mesh.start_aggregator().unwrap();
     for (sidecar, before) in sidecars.into_iter().zip(ready_before) {
         wait_for(&format!("{sidecar:?} sidecar's capture streams to come back"), Duration::from_secs(30), || {
-            (mesh.counter(sidecar, "streams_ready").unwrap() >= before + mesh::ROOT_CONTEXTS).then_some(())
+            (mesh.counter(sidecar, "streams_ready").unwrap() >= before + mesh::CAPTURE_STREAMS).then_some(())
         })
         .unwrap();
     }

