@@ -1,15 +1,15 @@
 //! `cargo xtask demo`: the main job on the embedded default. Starts a local mesh (client and
 //! server sidecars on real Envoy with the built filter, mTLS between them, the aggregator, the
-//! analysis emulator, a sample HTTP app and a sample gRPC service), sends HTTP/1.1, HTTP/2 and
-//! gRPC traffic through it, prints the captures written, read back with tshark, and stops
-//! everything cleanly.
+//! analysis emulator, a sample HTTP app, a sample gRPC service and real Diameter peers), sends
+//! HTTP/1.1, HTTP/2, gRPC and Diameter traffic through it, prints the captures written, read back
+//! with tshark, and stops everything cleanly.
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use packet_inspector_tests::{
     clients,
-    mesh::{CaptureFiles, Mesh, MeshOptions},
+    mesh::{self, CaptureFiles, Mesh, MeshOptions},
     tshark,
 };
 
@@ -43,7 +43,20 @@ fn row(files: &CaptureFiles) -> Result<Row> {
     let metadata = document.get_document("metadata")?;
     let role = metadata.get_str("role")?.to_owned();
     let mut protocol = metadata.get_str("protocol")?.to_owned();
-    let (method, path, status) = if protocol == "http1" {
+    let (method, path, status) = if protocol == "diameter" {
+        let rows = tshark::fields(&files.pcap, "diameter", &["diameter.cmd.code", "diameter.Result-Code"])?;
+        let code = first(&rows, 0);
+        let name = match code.as_str() {
+            "257" => "Capabilities-Exchange",
+            "272" => "Credit-Control",
+            "280" => "Device-Watchdog",
+            "282" => "Disconnect-Peer",
+            _ => "command",
+        };
+        let result =
+            rows.get(1).and_then(|r| r.get(1)).filter(|v| !v.is_empty()).cloned().unwrap_or_else(|| "-".into());
+        (format!("{name} ({code})"), "-".to_owned(), format!("Result-Code {result}"))
+    } else if protocol == "http1" {
         let request = tshark::fields(&files.pcap, "http.request", &["http.request.method", "http.request.uri"])?;
         let response = tshark::fields(&files.pcap, "http.response", &["http.response.code"])?;
         (first(&request, 0), first(&request, 1), first(&response, 0))
@@ -148,13 +161,28 @@ pub fn run(output_dir: &Path) -> Result<()> {
         rows_for(&mesh, &request_id, &mut rows)?;
     }
 
+    let answers = mesh.run_diameter_client(1)?;
+    eprintln!("demo: Diameter CER, CCR ({} answer(s)), DWR, DPR between real peers", answers.len());
+    for pod in [mesh::CLIENT_POD, mesh::SERVER_POD] {
+        // CER, CCR, DWR, DPR: four exchanges on each side.
+        let captures =
+            packet_inspector_tests::wait_for("the Diameter captures", std::time::Duration::from_secs(30), || {
+                let captures = mesh.diameter_captures(pod);
+                (captures.len() >= 4).then_some(captures)
+            })?;
+        for files in captures {
+            rows.push(row(&files)?);
+        }
+    }
+
     println!("\nCaptures written to {} (read back with tshark):\n", output_dir.display());
     print_table(&rows);
     println!(
         "\nHTTP/1.1: wireshark FILE.pcap, or tshark -r FILE.pcap -Y http\n\
          HTTP/2 and gRPC: decode the conversation's server port (the first packet's destination) as HTTP/2:\n  \
          tshark -r FILE.pcap -d tcp.port==$(tshark -r FILE.pcap -c 1 -T fields -e tcp.dstport),http2 -Y http2\n  \
-         (Wireshark: Analyze > Decode As..., TCP port, HTTP2)"
+         (Wireshark: Analyze > Decode As..., TCP port, HTTP2)\n\
+         Diameter (port 3868): wireshark FILE.pcap, or tshark -r FILE.pcap -Y diameter"
     );
     mesh.shutdown().context("stopping the demo")?;
     eprintln!("demo: every component stopped cleanly");
