@@ -234,6 +234,46 @@ mod tests {
         assert_eq!(framer.finish(), 30);
     }
 
+    /// The fuzz target's property on seeded random streams: however a stream is split, the
+    /// framer yields the same events, and every message has a valid header and its length.
+    #[test]
+    fn framing_does_not_depend_on_how_the_stream_is_split() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for case in 0..500 {
+            let mut stream = Vec::new();
+            for _ in 0..next() % 6 {
+                let length = 20 + 4 * (next() % 60) as u32;
+                stream.extend(message(length, next() % 2 == 0, next() as u32));
+            }
+            if case % 3 == 0 {
+                let garbage: Vec<u8> = (0..next() % 40).map(|_| next() as u8).collect();
+                stream.extend(garbage);
+            }
+            let mut whole = Framer::new(200);
+            let mut expected = whole.push(&stream);
+            expected.push(Event::Oversized { length: whole.finish() as u32 });
+            let mut pieces = Framer::new(200);
+            let mut events = Vec::new();
+            let mut rest = stream.as_slice();
+            while !rest.is_empty() {
+                let n = ((next() % 50) as usize + 1).min(rest.len());
+                events.extend(pieces.push(&rest[..n]));
+                rest = &rest[n..];
+            }
+            events.push(Event::Oversized { length: pieces.finish() as u32 });
+            assert_eq!(events, expected, "case {case}");
+            for message in messages(&events) {
+                assert_eq!(header(&message).unwrap().length as usize, message.len(), "case {case}");
+            }
+        }
+    }
+
     #[test]
     fn bad_version_and_lengths_stop_framing() {
         let mut bad_version = message(20, true, 1);

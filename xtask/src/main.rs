@@ -5,6 +5,7 @@
 //! - `test`: setup, lint (rustfmt, clippy), build, then every test of the workspace (unit and
 //!   end-to-end).
 //! - `demo`: setup, build, then a local mesh with real traffic and a table of its captures.
+//! - `fuzz TARGET`: cargo fuzz on one of the filter's parsers (nightly, installed on demand).
 
 mod demo;
 mod install;
@@ -33,6 +34,14 @@ enum Task {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         cargo_args: Vec<String>,
+    },
+    /// Fuzz one of the filter's parsers (`diameter_framer`, `pairs`) with cargo fuzz; installs
+    /// a nightly toolchain and cargo-fuzz when missing. Not part of `test`.
+    Fuzz {
+        target: String,
+        /// How long to run.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Run a local mesh (two sidecars, aggregator, emulator), send traffic, list the captures.
     Demo {
@@ -109,6 +118,19 @@ fn main() -> Result<()> {
             let mut test = cargo();
             test.args(["test", "--workspace"]).args(cargo_args);
             run(test)
+        }
+        Task::Fuzz { target, seconds } => {
+            install::fuzzing()?;
+            let mut fuzz = Command::new("cargo");
+            fuzz.current_dir(workspace_root().join("filter/fuzz")).args([
+                "+nightly",
+                "fuzz",
+                "run",
+                &target,
+                "--",
+                &format!("-max_total_time={seconds}"),
+            ]);
+            run(fuzz)
         }
         Task::Demo { output_dir } => {
             install::all()?;
