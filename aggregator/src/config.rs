@@ -34,6 +34,9 @@ pub struct Args {
     /// PEM CA bundle the analysis service's certificate must chain to.
     #[arg(long, env = "PI_ANALYSIS_CA", default_value = "/etc/packet-inspector/certs/root-cert.pem")]
     pub analysis_ca: PathBuf,
+    /// The filter module (.wasm) to serve to proxies at /filter.wasm on the admin endpoint.
+    #[arg(long, env = "PI_FILTER_MODULE")]
+    pub filter_module: Option<PathBuf>,
     /// Name of the node this aggregator runs on (for captures whose proxy did not report it).
     #[arg(long, env = "NODE_NAME", default_value = "")]
     pub node_name: String,

@@ -44,6 +44,8 @@ pub enum AggregatorError {
     Tls(#[from] tls::TlsError),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("cannot read --filter-module {path}: {source}")]
+    FilterModule { path: std::path::PathBuf, source: std::io::Error },
 }
 
 /// Serves filters on `listener` (and the admin endpoint on `admin`) until `shutdown`, then
@@ -63,11 +65,20 @@ pub async fn run(
     let (host, port) = config::host_port("analysis-address", &args.analysis_address)?;
     let channel = tls::connect_lazy(&host, port, tls::client_config(&args.analysis_ca, None)?, Duration::from_secs(5))?;
 
+    let module = match &args.filter_module {
+        Some(path) => {
+            let module = admin::FilterModule::load(path)
+                .map_err(|source| AggregatorError::FilterModule { path: path.clone(), source })?;
+            tracing::info!(path = %path.display(), sha256 = %module.sha256, "serving the filter module at /filter.wasm");
+            Some(module)
+        }
+        None => None,
+    };
     let metrics = Arc::new(Metrics::default());
     let (forwarder, delivery) =
         Forwarder::start(channel, args.forward_queue, args.forward_concurrency, metrics.clone());
     if let Some(admin) = admin {
-        tokio::spawn(admin::serve(admin, metrics.clone(), shutdown.clone()));
+        tokio::spawn(admin::serve(admin, metrics.clone(), module, shutdown.clone()));
     }
     let service = CaptureServer {
         forwarder,

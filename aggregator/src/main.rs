@@ -39,7 +39,7 @@ async fn main() {
     tokio::spawn(daemon::cancel_on_signal(shutdown.clone()));
     match run(args, listener, admin, shutdown).await {
         Ok(()) => {}
-        Err(err @ (AggregatorError::Config(_) | AggregatorError::Tls(_))) => {
+        Err(err @ (AggregatorError::Config(_) | AggregatorError::Tls(_) | AggregatorError::FilterModule { .. })) => {
             eprintln!("packet-inspector-aggregator: {err}");
             std::process::exit(EXIT_CONFIG);
         }

@@ -42,6 +42,11 @@ impl Running {
 /// Starts an emulator whose certificate names `analysis_san`, and an aggregator told to
 /// forward to `localhost`.
 pub async fn start(dir: &Path, ca: &Ca, analysis_san: &str) -> Running {
+    start_with(dir, ca, analysis_san, &[]).await
+}
+
+/// As [`start`], with more aggregator flags.
+pub async fn start_with(dir: &Path, ca: &Ca, analysis_san: &str, extra: &[String]) -> Running {
     ca.issue(&dir.join("aggregator"), &["localhost"]).unwrap();
     ca.issue(&dir.join("analysis"), &[analysis_san]).unwrap();
     let output = dir.join("captures");
@@ -69,15 +74,19 @@ pub async fn start(dir: &Path, ca: &Ca, analysis_san: &str) -> Running {
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (port, admin_port) = (listener.local_addr().unwrap().port(), admin.local_addr().unwrap().port());
     let certs = dir.join("aggregator");
-    let args = Args::parse_from([
-        "aggregator".to_owned(),
-        format!("--tls-cert={}", certs.join("cert-chain.pem").display()),
-        format!("--tls-key={}", certs.join("key.pem").display()),
-        format!("--client-ca={}", certs.join("root-cert.pem").display()),
-        format!("--analysis-address=localhost:{emulator_port}"),
-        format!("--analysis-ca={}", certs.join("root-cert.pem").display()),
-        "--shutdown-grace-seconds=10".to_owned(),
-    ]);
+    let args = Args::parse_from(
+        [
+            "aggregator".to_owned(),
+            format!("--tls-cert={}", certs.join("cert-chain.pem").display()),
+            format!("--tls-key={}", certs.join("key.pem").display()),
+            format!("--client-ca={}", certs.join("root-cert.pem").display()),
+            format!("--analysis-address=localhost:{emulator_port}"),
+            format!("--analysis-ca={}", certs.join("root-cert.pem").display()),
+            "--shutdown-grace-seconds=10".to_owned(),
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned()),
+    );
     let aggregator_shutdown = CancellationToken::new();
     let aggregator = tokio::spawn({
         let shutdown = aggregator_shutdown.clone();
@@ -149,11 +158,19 @@ pub async fn send_batch(
     tokio::time::timeout(Duration::from_secs(20), call).await.map_err(|_| "timed out".to_owned())?
 }
 
-pub async fn metric(admin_port: u16, name: &str) -> u64 {
+/// GET on the admin endpoint: (status line, body).
+pub async fn admin_get(admin_port: u16, path: &str) -> (String, Vec<u8>) {
     let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", admin_port)).await.unwrap();
-    socket.write_all(b"GET /metrics HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
-    let mut text = String::new();
-    socket.read_to_string(&mut text).await.unwrap();
+    socket.write_all(format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\n").as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    socket.read_to_end(&mut raw).await.unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let status = String::from_utf8_lossy(&raw[..split]).lines().next().unwrap_or_default().to_owned();
+    (status, raw[split + 4..].to_vec())
+}
+
+pub async fn metric(admin_port: u16, name: &str) -> u64 {
+    let text = String::from_utf8(admin_get(admin_port, "/metrics").await.1).unwrap();
     let prefix = format!("packet_inspector_aggregator_{name} ");
     text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap()
 }
