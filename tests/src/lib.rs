@@ -9,6 +9,7 @@
 pub mod app;
 pub mod certs;
 pub mod clients;
+pub mod envoyfilter;
 pub mod http;
 pub mod mesh;
 pub mod process;

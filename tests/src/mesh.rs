@@ -47,6 +47,20 @@ pub const CAPTURE_STREAMS: u64 = 4;
 pub const DIAMETER_PORT: u16 = 3868;
 const STARTUP: Duration = Duration::from_secs(60);
 
+/// How the sidecars capture.
+#[derive(Debug, Clone, Default)]
+pub enum SidecarCapture {
+    /// As `samples/local-demo/*.yaml` configure it.
+    #[default]
+    Sample,
+    /// Not at all: the sample sidecars without Packet Inspector, as with no capture instance.
+    Bare,
+    /// As the filter chart configures it: its EnvoyFilters, rendered with these values (the run
+    /// fills in the aggregator's ports and the module's URL and sha256), applied to the bare
+    /// sidecars the way istiod applies them (see [`crate::envoyfilter`]).
+    Chart { values: serde_json::Value },
+}
+
 #[derive(Debug, Clone)]
 pub struct MeshOptions {
     /// Where the emulator writes; a fresh directory under the run's when `None`.
@@ -58,6 +72,7 @@ pub struct MeshOptions {
     pub filter_config: Option<String>,
     /// The aggregator's `--segment-interval-ms` (its own default when `None`).
     pub segment_interval_ms: Option<u64>,
+    pub capture: SidecarCapture,
 }
 
 impl Default for MeshOptions {
@@ -68,6 +83,7 @@ impl Default for MeshOptions {
             analysis_san: ANALYSIS_HOST.to_owned(),
             filter_config: None,
             segment_interval_ms: None,
+            capture: SidecarCapture::Sample,
         }
     }
 }
@@ -120,6 +136,9 @@ pub struct Mesh {
     segment_interval_ms: Option<u64>,
     /// Set until startup succeeds, so a failed start keeps its logs for inspection.
     failed: bool,
+    capture: SidecarCapture,
+    /// Patches applied per sidecar (chart mode).
+    pub patches_applied: Vec<(String, usize)>,
 }
 
 fn render(template: &str, values: &[(&str, String)]) -> Result<String> {
@@ -180,6 +199,8 @@ impl Mesh {
             segment_interval_ms: options.segment_interval_ms,
             dir,
             failed: true,
+            capture: options.capture.clone(),
+            patches_applied: Vec::new(),
         };
         mesh.start_emulator()?;
         mesh.start_aggregator()?;
@@ -226,19 +247,27 @@ impl Mesh {
             ("DIAMETER_UPSTREAM_IP", mesh.server_diameter.ip().to_string()),
         ]);
         let samples = workspace_root().join("samples/local-demo");
-        mesh.server_envoy = Some(mesh.start_envoy(
+        let (server_certs, client_certs) = (certs.join("server"), certs.join("client"));
+        let (server_admin, client_admin) = (mesh.server_admin, mesh.client_admin);
+        let server = mesh.start_envoy(
             "server-sidecar",
             &samples.join("server-sidecar.yaml"),
             &server_values,
-            mesh.server_admin,
-        )?);
-        mesh.client_envoy = Some(mesh.start_envoy(
+            server_admin,
+            &server_certs,
+        )?;
+        mesh.server_envoy = Some(server);
+        let client = mesh.start_envoy(
             "client-sidecar",
             &samples.join("client-sidecar.yaml"),
             &client_values,
-            mesh.client_admin,
-        )?);
-        for sidecar in [Sidecar::Client, Sidecar::Server] {
+            client_admin,
+            &client_certs,
+        )?;
+        mesh.client_envoy = Some(client);
+        let sidecars =
+            if matches!(mesh.capture, SidecarCapture::Bare) { vec![] } else { vec![Sidecar::Client, Sidecar::Server] };
+        for sidecar in sidecars {
             let ready = wait_for(&format!("{sidecar:?} sidecar's capture stream"), STARTUP, || {
                 mesh.counter(sidecar, "streams_ready").ok().filter(|n| *n >= CAPTURE_STREAMS)
             });
@@ -250,10 +279,67 @@ impl Mesh {
         Ok(mesh)
     }
 
-    fn start_envoy(&self, name: &str, template: &Path, values: &[(&str, String)], admin: u16) -> Result<Process> {
+    /// The sidecar's configuration file: the sample as it is, or bare, or chart-patched.
+    fn sidecar_config(&mut self, name: &str, rendered: String, certs: &Path) -> Result<PathBuf> {
+        if let SidecarCapture::Sample = self.capture {
+            let path = self.dir.join(format!("{name}.yaml"));
+            std::fs::write(&path, rendered)?;
+            return Ok(path);
+        }
+        let mut config = yaml_to_json(&rendered)?;
+        crate::envoyfilter::strip_capture(&mut config);
+        if let SidecarCapture::Chart { values } = self.capture.clone() {
+            let envoy_filters = self.render_filter_chart(values)?;
+            let emulation = crate::envoyfilter::Emulation::for_certs(
+                certs,
+                vec![(CHART_AGGREGATOR_HOST.to_owned(), "127.0.0.1".to_owned())],
+            )?;
+            let applied = crate::envoyfilter::apply(&mut config, &envoy_filters, &emulation)?;
+            self.patches_applied.push((name.to_owned(), applied));
+        }
+        let path = self.dir.join(format!("{name}.json"));
+        std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
+        Ok(path)
+    }
+
+    /// The filter chart's EnvoyFilters for this run: `values` plus the aggregator's ports and
+    /// the built module's URL (served by the aggregator) and sha256.
+    fn render_filter_chart(&self, mut values: serde_json::Value) -> Result<Vec<serde_json::Value>> {
+        let wasm = std::fs::read(tools::wasm()?)?;
+        let sha256: String =
+            ring::digest::digest(&ring::digest::SHA256, &wasm).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let run = serde_json::json!({
+            "aggregator": {
+                "host": CHART_AGGREGATOR_HOST,
+                "port": self.aggregator_port,
+                "adminPort": self.aggregator_admin_port,
+                "subjectAltNames": [AGGREGATOR_SAN],
+            },
+            "module": {"url": format!("http://127.0.0.1:{}/filter.wasm", self.aggregator_admin_port), "sha256": sha256},
+            "flushIntervalMs": 50,
+        });
+        merge(&mut values, run);
+        let output = Command::new(tools::python()?)
+            .arg(workspace_root().join("tests/charts/render.py"))
+            .arg(workspace_root().join("manifests/charts/packet-inspector-1-filter"))
+            .args(["capture-bookinfo", NAMESPACE, &values.to_string()])
+            .output()?;
+        if !output.status.success() {
+            bail!("rendering the filter chart failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
+
+    fn start_envoy(
+        &mut self,
+        name: &str,
+        template: &Path,
+        values: &[(&str, String)],
+        admin: u16,
+        certs: &Path,
+    ) -> Result<Process> {
         let template = std::fs::read_to_string(template).with_context(|| format!("reading {}", template.display()))?;
-        let config = self.dir.join(format!("{name}.yaml"));
-        std::fs::write(&config, render(&template, values)?)?;
+        let config = self.sidecar_config(name, render(&template, values)?, certs)?;
         let mut command = Command::new(tools::envoy()?);
         command.arg("-c").arg(&config).args([
             "--concurrency",
@@ -385,7 +471,9 @@ impl Mesh {
             .args(["--analysis-address", &format!("{ANALYSIS_HOST}:{}", self.analysis_port)])
             .arg("--analysis-ca")
             .arg(certs.join("root-cert.pem"))
-            .args(["--node-name", "demo-node-1"]);
+            .args(["--node-name", "demo-node-1"])
+            .arg("--filter-module")
+            .arg(tools::wasm()?);
         if let Some(interval) = self.segment_interval_ms {
             command.args(["--segment-interval-ms", &interval.to_string()]);
         }
@@ -544,6 +632,38 @@ impl Drop for Mesh {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// The aggregator's Service name the chart is rendered with (resolved to loopback in the run).
+pub const CHART_AGGREGATOR_HOST: &str = "packet-inspector-1-aggregator.istio-system.svc.cluster.local";
+
+/// `overlay` merged into `base`, objects key by key.
+fn merge(base: &mut serde_json::Value, overlay: serde_json::Value) {
+    match (base, overlay) {
+        (serde_json::Value::Object(base), serde_json::Value::Object(overlay)) => {
+            for (key, value) in overlay {
+                merge(base.entry(key).or_insert(serde_json::Value::Null), value);
+            }
+        }
+        (base, overlay) => *base = overlay,
+    }
+}
+
+/// YAML to JSON with the virtualenv's PyYAML (the sidecar templates are YAML; Envoy takes both).
+fn yaml_to_json(text: &str) -> Result<serde_json::Value> {
+    use std::io::Write;
+    let mut child = Command::new(tools::python()?)
+        .args(["-c", "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!("YAML conversion failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
 }
 
 /// One Credit-Control answer the client peer received.

@@ -1,0 +1,59 @@
+//! The config the filter chart renders is the config that runs: its EnvoyFilters, rendered with
+//! the Helm SDK, are applied to Istio-like sidecar bootstraps the way istiod applies them (see
+//! `packet_inspector_tests::envoyfilter`), real Envoy runs them, fetches the module from the
+//! aggregator (pinned by sha256), and captures HTTP and Diameter. Without the chart (no capture
+//! instance), the same sidecars pass the same traffic and capture nothing.
+
+use packet_inspector_tests::{
+    mesh::{self, Mesh, MeshOptions, SidecarCapture},
+    tshark,
+};
+use serde_json::json;
+
+#[test]
+fn the_filter_charts_envoyfilters_capture_in_real_envoy() {
+    let values = json!({"diameterCapture": {"enabled": true, "port": mesh::DIAMETER_PORT}});
+    let mesh = Mesh::start(MeshOptions { capture: SidecarCapture::Chart { values }, ..Default::default() }).unwrap();
+    // Each sidecar: the HTTP filter on its one HTTP listener, the network filter on its Diameter
+    // listener, the aggregator and module clusters. (The chart's inbound patches find no listener
+    // in the client sidecar, nor its outbound ones in the server sidecar, as in Istio.)
+    assert_eq!(mesh.patches_applied, vec![("server-sidecar".to_owned(), 4), ("client-sidecar".to_owned(), 4)]);
+
+    let response = mesh.request("GET /chart HTTP/1.1\r\nhost: reviews:9080\r\nx-request-id: chart-1", b"").unwrap();
+    assert_eq!(response.status, 200);
+    for role in ["consumer", "producer"] {
+        let files = mesh.wait_for_capture(role, "chart-1").unwrap();
+        let rows =
+            tshark::fields(&files.pcap, "http", &["http.request.method", "http.request.uri", "http.response.code"])
+                .unwrap();
+        assert_eq!(rows[0][..2], ["GET", "/chart"], "{role}");
+        assert_eq!(rows[1][2], "200", "{role}");
+    }
+
+    let answers = mesh.run_diameter_client(1).unwrap();
+    assert_eq!(answers.len(), 1);
+    for pod in [mesh::CLIENT_POD, mesh::SERVER_POD] {
+        let captures =
+            packet_inspector_tests::wait_for("Diameter captures", std::time::Duration::from_secs(30), || {
+                let captures = mesh.diameter_captures(pod);
+                (captures.len() >= 4).then_some(captures)
+            })
+            .unwrap();
+        assert!(captures.iter().all(|f| tshark::problems(&f.pcap).unwrap().is_empty()));
+    }
+    mesh.shutdown().unwrap();
+}
+
+#[test]
+fn without_a_capture_instance_traffic_passes_and_nothing_is_captured() {
+    let mesh = Mesh::start(MeshOptions { capture: SidecarCapture::Bare, ..Default::default() }).unwrap();
+    let response =
+        mesh.request("POST /bare HTTP/1.1\r\nhost: reviews:9080\r\nx-request-id: bare-1", b"passes").unwrap();
+    assert_eq!((response.status, response.body.as_slice()), (200, &b"passes"[..]));
+    assert_eq!(mesh.run_diameter_client(1).unwrap().len(), 1);
+    // No filter ever opened a stream, so nothing can have been captured.
+    assert_eq!(mesh.aggregator_metric("streams_total").unwrap(), 0);
+    assert_eq!(mesh.counter(mesh::Sidecar::Client, "captures_started").unwrap(), 0);
+    assert!(std::fs::read_dir(&mesh.output_dir).unwrap().next().is_none(), "no capture file");
+    mesh.shutdown().unwrap();
+}
