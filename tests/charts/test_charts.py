@@ -25,7 +25,8 @@ SHA = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 CHARTS = {
     "manifests/charts/packet-inspector": ("packet-inspector-1-aggregator", "istio-system", {}),
     "manifests/charts/packet-inspector-1-filter": ("capture-bookinfo", "bookinfo", {"module": {"sha256": SHA}}),
-    "samples/packet-inspector-1-analysis-emulator": ("packet-inspector-1-analysis-emulator", "analysis-emulator", {}),
+    # The release names of the README's install commands.
+    "samples/packet-inspector-1-analysis-emulator": ("pi1-analysis-emulator", "analysis-emulator", {}),
 }
 
 
@@ -142,6 +143,27 @@ def refusal(chart, values):
 def test_bad_values_are_refused_readably(chart, values, mentions):
     message = refusal(chart, values)
     assert mentions in message, message
+
+
+def test_default_names_meet():
+    """The aggregator chart's defaults dial the emulator installed as the README says, and the
+    filter chart's defaults dial the aggregator installed as the README says."""
+    _, emulator = render("samples/packet-inspector-1-analysis-emulator", "pi1-analysis-emulator", "analysis-emulator", {})
+    service = next(o for o in emulator if o["kind"] == "Service")
+    account = next(o for o in emulator if o["kind"] == "ServiceAccount")
+    assert service["metadata"]["name"] == account["metadata"]["name"] == "packet-inspector-1-analysis-emulator"
+    port = service["spec"]["ports"][0]["port"]
+    _, aggregator = render("manifests/charts/packet-inspector", "packet-inspector-1-aggregator", "istio-system", {})
+    args = next(o for o in aggregator if o["kind"] == "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"--analysis-address=packet-inspector-1-analysis-emulator.analysis-emulator.svc.cluster.local:{port}" in args
+    aggregator_service = next(o for o in aggregator if o["kind"] == "Service")
+    _, filters = render("manifests/charts/packet-inspector-1-filter", "capture", "bookinfo", {"module": {"sha256": SHA}})
+    clusters = next(o for o in filters if o["metadata"]["name"] == "capture-clusters")
+    address = clusters["spec"]["configPatches"][0]["patch"]["value"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert address == {
+        "address": f"{aggregator_service['metadata']['name']}.istio-system.svc.cluster.local",
+        "port_value": aggregator_service["spec"]["ports"][0]["port"],
+    }
 
 
 def test_filter_instance_scopes():

@@ -1,9 +1,11 @@
 {{/*
-Names are truncated to 63 characters (DNS labels). The Service and ServiceAccount share the
-release name so the DNS name the aggregators dial is the one in the certificate's SAN.
+Names are truncated to 63 characters (DNS labels). The Service and ServiceAccount are named after
+the chart (not the release) unless fullnameOverride says otherwise, so the DNS name the
+aggregators dial by default, packet-inspector-1-analysis-emulator.<namespace>.svc.cluster.local,
+is the one in the certificate's SAN whatever the release is called.
 */}}
 {{- define "emulator.fullname" -}}
-{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- default .Chart.Name .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{- define "emulator.labels" -}}
