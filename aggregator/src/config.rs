@@ -24,6 +24,10 @@ pub struct Args {
     /// PEM CA bundle filter client certificates must chain to (mTLS is always required).
     #[arg(long, env = "PI_CLIENT_CA", default_value = "/etc/packet-inspector/certs/root-cert.pem")]
     pub client_ca: PathBuf,
+    /// How often (seconds) the certificate files are checked for changes; changed ones are loaded
+    /// for new connections.
+    #[arg(long, env = "PI_TLS_RELOAD_INTERVAL_SECONDS", default_value_t = 10)]
+    pub tls_reload_interval_seconds: u64,
     /// The analysis service, host:port; its certificate must carry a DNS-name SAN equal to host.
     #[arg(
         long,

@@ -11,13 +11,14 @@ use packet_inspector_proto::analysis::{analysis_service_client::AnalysisServiceC
 use tokio::{sync::mpsc, task::JoinSet};
 use tonic::{transport::Channel, Code};
 
-use crate::metrics::Metrics;
+use crate::metrics::{LogLimiter, Metrics};
 
 /// Where captures go; cloned into every stream handler.
 #[derive(Clone)]
 pub struct Forwarder {
     queue: mpsc::Sender<Capture>,
     metrics: Arc<Metrics>,
+    queue_full_log: Arc<LogLimiter>,
 }
 
 /// Attempts per capture before it is given up (and counted).
@@ -36,18 +37,19 @@ impl Forwarder {
         let (queue, rx) = mpsc::channel(capacity);
         let client = AnalysisServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
         let task = tokio::spawn(deliver(rx, client, concurrency.max(1), metrics.clone()));
-        (Self { queue, metrics }, task)
+        (Self { queue, metrics, queue_full_log: Arc::default() }, task)
     }
 
     /// Queues a capture, or drops and counts it when the queue is full.
     pub fn submit(&self, capture: Capture) {
-        if let Err(err) = self.queue.try_send(capture) {
+        if self.queue.try_send(capture).is_err() {
             Metrics::add(&self.metrics.captures_queue_full_total, 1);
-            let capture = err.into_inner();
-            tracing::warn!(
-                request_id = capture.metadata.as_ref().map_or("", |m| m.request_id.as_str()),
-                "forwarding queue full; capture dropped"
-            );
+            if let Some(held_back) = self.queue_full_log.allow() {
+                tracing::warn!(
+                    also_dropped_since_last_warning = held_back,
+                    "forwarding queue full (the analysis service is slow or away); captures dropped"
+                );
+            }
         }
     }
 }
@@ -98,7 +100,10 @@ async fn submit(mut client: AnalysisServiceClient<Channel>, capture: Capture, me
             }
             Err(status) => {
                 Metrics::add(&metrics.captures_forward_failed_total, 1);
+                static FAILED_LOG: std::sync::LazyLock<LogLimiter> = std::sync::LazyLock::new(LogLimiter::default);
+                let Some(held_back) = FAILED_LOG.allow() else { return };
                 tracing::error!(
+                    also_failed_since_last_error = held_back,
                     %request_id,
                     attempts = attempt,
                     code = ?status.code(),

@@ -61,9 +61,13 @@ pub async fn run(
 ) -> Result<(), AggregatorError> {
     args.validate()?;
     let identity = tls::Identity { cert_chain: args.tls_cert.clone(), private_key: args.tls_key.clone() };
-    let server_tls = tls::server_config(&identity, Some(&args.client_ca))?;
+    let server_tls = tls::reloading_server_config(identity, Some(args.client_ca.clone()))?;
+    let client_tls = tls::reloading_client_config(args.analysis_ca.clone(), None)?;
+    let reload_every = Duration::from_secs(args.tls_reload_interval_seconds.max(1));
+    server_tls.watch("filter server", reload_every, shutdown.clone());
+    client_tls.watch("analysis client", reload_every, shutdown.clone());
     let (host, port) = config::host_port("analysis-address", &args.analysis_address)?;
-    let channel = tls::connect_lazy(&host, port, tls::client_config(&args.analysis_ca, None)?, Duration::from_secs(5))?;
+    let channel = tls::connect_lazy(&host, port, client_tls, Duration::from_secs(5))?;
 
     let module = match &args.filter_module {
         Some(path) => {

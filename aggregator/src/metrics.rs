@@ -61,3 +61,53 @@ impl Metrics {
         counter.fetch_add(n, Relaxed);
     }
 }
+
+/// Lets a warning through at most once per interval and says how many were held back, so an
+/// overload shows in the log without flooding it (the counters count every event).
+#[derive(Debug, Default)]
+pub struct LogLimiter {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl LogLimiter {
+    const INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// `Some(n)`: log now, `n` earlier occurrences were held back; `None`: hold this one back.
+    pub fn allow(&self) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = std::time::Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < Self::INTERVAL) {
+            self.suppressed.fetch_add(1, Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.suppressed.swap(0, Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_lets_one_through_per_interval_and_counts_the_rest() {
+        let limiter = LogLimiter::default();
+        assert_eq!(limiter.allow(), Some(0));
+        assert_eq!(limiter.allow(), None);
+        assert_eq!(limiter.allow(), None);
+        *limiter.last.lock().unwrap() = Some(std::time::Instant::now() - LogLimiter::INTERVAL);
+        assert_eq!(limiter.allow(), Some(2));
+    }
+
+    #[test]
+    fn render_has_help_type_and_value() {
+        let metrics = Metrics::default();
+        Metrics::add(&metrics.captures_forwarded_total, 3);
+        let text = metrics.render();
+        assert!(text.contains(
+            "# HELP packet_inspector_aggregator_captures_forwarded_total Captures stored by the analysis service."
+        ));
+        assert!(text.contains("# TYPE packet_inspector_aggregator_captures_forwarded_total counter\npacket_inspector_aggregator_captures_forwarded_total 3\n"));
+    }
+}

@@ -20,7 +20,7 @@ use crate::{
     capture,
     diameter::{Exchange, Pairer},
     forwarder::Forwarder,
-    metrics::Metrics,
+    metrics::{LogLimiter, Metrics},
 };
 
 pub struct CaptureServer {
@@ -35,6 +35,8 @@ pub struct CaptureServer {
 
 /// Acks waiting to be written to one filter; the filter's own window keeps this small.
 const ACK_BACKLOG: usize = 64;
+/// One limiter for every "not captured" warning of this aggregator.
+static UNBUILDABLE_LOG: std::sync::LazyLock<LogLimiter> = std::sync::LazyLock::new(LogLimiter::default);
 const SWEEP_MIN: Duration = Duration::from_millis(50);
 const SWEEP_MAX: Duration = Duration::from_secs(1);
 
@@ -61,7 +63,9 @@ impl StreamTask {
             }
             Err(err) => {
                 Metrics::add(&self.metrics.captures_unbuildable_total, 1);
-                tracing::warn!(peer = %self.peer, error = %err, "transaction not captured");
+                if let Some(held_back) = UNBUILDABLE_LOG.allow() {
+                    tracing::warn!(peer = %self.peer, error = %err, also_since_last_warning = held_back, "transaction not captured");
+                }
             }
         }
     }
@@ -78,7 +82,9 @@ impl StreamTask {
                 }
                 Err(err) => {
                     Metrics::add(&self.metrics.captures_unbuildable_total, 1);
-                    tracing::warn!(peer = %self.peer, error = %err, "Diameter exchange not captured");
+                    if let Some(held_back) = UNBUILDABLE_LOG.allow() {
+                        tracing::warn!(peer = %self.peer, error = %err, also_since_last_warning = held_back, "Diameter exchange not captured");
+                    }
                 }
             }
         }

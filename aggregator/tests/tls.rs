@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, identity, metric, send_batch, start, stored, temp_dir, transaction};
+use common::{eventually, identity, metric, send_batch, start, start_with, stored, temp_dir, transaction};
 use packet_inspector_tests::certs::Ca;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,6 +52,30 @@ async fn captures_are_not_forwarded_to_a_service_whose_san_does_not_match() {
     .await;
     assert_eq!(metric(running.admin_port, "captures_forwarded_total").await, 0);
     assert!(stored(&running.output).is_empty(), "nothing may reach a service with the wrong name");
+    running.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_certificates_are_used_without_a_restart() {
+    let dir = temp_dir("rotation");
+    let (old_ca, new_ca) = (Ca::new("mesh 2025").unwrap(), Ca::new("mesh 2026").unwrap());
+    let running = start_with(&dir, &old_ca, "localhost", &["--tls-reload-interval-seconds=1".to_owned()]).await;
+    let old_filter = identity(&old_ca.issue(&dir.join("old-filter"), &["filter.ns.svc"]).unwrap());
+    let new_filter = identity(&new_ca.issue(&dir.join("new-filter"), &["filter.ns.svc"]).unwrap());
+    let (old_root, new_root) = (dir.join("old-filter/root-cert.pem"), dir.join("new-filter/root-cert.pem"));
+    assert_eq!(send_batch(running.port, &old_root, Some(&old_filter), transaction("before")).await, Ok(1));
+
+    // The secret is updated in place: new certificate, key and CA bundle.
+    new_ca.issue(&dir.join("aggregator"), &["localhost"]).unwrap();
+    eventually("new connections to use the new certificates", std::time::Duration::from_secs(20), || async {
+        send_batch(running.port, &new_root, Some(&new_filter), transaction("after")).await == Ok(1)
+    })
+    .await;
+    assert!(
+        send_batch(running.port, &old_root, Some(&old_filter), transaction("stale")).await.is_err(),
+        "the old CA is gone"
+    );
     running.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -90,7 +90,8 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
         return Err(EmulatorError::OutputDir { path: output_dir.clone(), reason: "not a directory".into() });
     }
     let identity = tls::Identity { cert_chain: args.tls_cert.clone(), private_key: args.tls_key.clone() };
-    let config = tls::server_config(&identity, None)?;
+    let config = tls::reloading_server_config(identity, None)?;
+    config.watch("analysis server", std::time::Duration::from_secs(10), shutdown.clone());
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         output_dir = %output_dir.display(),

@@ -7,18 +7,22 @@
 //! - [`connect_lazy`]: the aggregator's client channel to the analysis service, verifying that
 //!   the server certificate carries a DNS-name SAN equal to the configured host.
 //!
+//! - [`Reloading`]: a config rebuilt from its files when they change (Istio rotates workload
+//!   certificates daily and Kubernetes swaps secret files in place); new connections use the new
+//!   config, a broken update is logged and the last good config kept.
+//!
 //! PEM is parsed with `rustls-pki-types` (`rustls-pemfile` is unmaintained). Everything is done
 //! here rather than through tonic's TLS feature so errors name the file and the reason, and so
-//! the acceptor is ours to extend (certificate reload).
+//! the acceptor and connector take the current config on every connection.
 
 use std::{
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex, RwLock},
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use rustls::{server::WebPkiClientVerifier, ClientConfig, RootCertStore, ServerConfig};
@@ -124,6 +128,111 @@ pub fn server_config(identity: &Identity, client_ca: Option<&Path>) -> Result<Se
     Ok(config)
 }
 
+type Build<T> = Box<dyn Fn() -> Result<T, TlsError> + Send + Sync>;
+
+/// A TLS config kept in step with the files it is built from.
+pub struct Reloading<T> {
+    paths: Vec<PathBuf>,
+    build: Build<T>,
+    current: RwLock<Arc<T>>,
+    stamps: Mutex<Vec<Option<SystemTime>>>,
+}
+
+fn modified(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
+    // `metadata` follows symlinks: a Kubernetes secret update swaps the link's target.
+    paths.iter().map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()).collect()
+}
+
+impl<T: Send + Sync + 'static> Reloading<T> {
+    /// Builds the config once (so bad files are a start-up error) and remembers the files.
+    ///
+    /// # Errors
+    /// The first build's error.
+    pub fn new(
+        paths: Vec<PathBuf>,
+        build: impl Fn() -> Result<T, TlsError> + Send + Sync + 'static,
+    ) -> Result<Arc<Self>, TlsError> {
+        let stamps = modified(&paths);
+        let current = build()?;
+        Ok(Arc::new(Self {
+            paths,
+            build: Box::new(build),
+            current: RwLock::new(Arc::new(current)),
+            stamps: Mutex::new(stamps),
+        }))
+    }
+
+    /// The config new connections use.
+    pub fn current(&self) -> Arc<T> {
+        self.current.read().map_or_else(|poisoned| poisoned.into_inner().clone(), |c| c.clone())
+    }
+
+    /// Rebuilds the config if a file changed; returns whether it did.
+    ///
+    /// # Errors
+    /// The rebuild's error; the previous config stays in use (and the change is retried on the
+    /// next call, since a half-written update may complete).
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let now = modified(&self.paths);
+        let mut stamps = self.stamps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *stamps == now {
+            return Ok(false);
+        }
+        let rebuilt = (self.build)()?;
+        *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(rebuilt);
+        *stamps = now;
+        Ok(true)
+    }
+
+    /// Checks the files every `interval` until `shutdown`, logging reloads and failures.
+    pub fn watch(self: &Arc<Self>, what: &'static str, interval: Duration, shutdown: CancellationToken) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                match this.reload_if_changed() {
+                    Ok(true) => tracing::info!(config = what, "certificates changed on disk; reloaded"),
+                    Ok(false) => {}
+                    Err(err) => {
+                        tracing::warn!(config = what, error = %err, "certificates changed on disk but cannot be loaded; keeping the previous ones")
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A server config ([`server_config`]) that follows its files.
+///
+/// # Errors
+/// As [`server_config`].
+pub fn reloading_server_config(
+    identity: Identity,
+    client_ca: Option<PathBuf>,
+) -> Result<Arc<Reloading<ServerConfig>>, TlsError> {
+    let mut paths = vec![identity.cert_chain.clone(), identity.private_key.clone()];
+    paths.extend(client_ca.clone());
+    Reloading::new(paths, move || server_config(&identity, client_ca.as_deref()))
+}
+
+/// A client config ([`client_config`]) that follows its files.
+///
+/// # Errors
+/// As [`client_config`].
+pub fn reloading_client_config(
+    ca: PathBuf,
+    identity: Option<Identity>,
+) -> Result<Arc<Reloading<ClientConfig>>, TlsError> {
+    let mut paths = vec![ca.clone()];
+    if let Some(identity) = &identity {
+        paths.extend([identity.cert_chain.clone(), identity.private_key.clone()]);
+    }
+    Reloading::new(paths, move || client_config(&ca, identity.as_ref()))
+}
+
 /// A TLS connection accepted by [`serve_incoming`], usable by tonic.
 pub struct TlsConnection(TlsStream<TcpStream>);
 
@@ -180,15 +289,14 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshaken connections waiting for tonic to pick them up.
 const ACCEPTED_BACKLOG: usize = 64;
 
-/// Accepts connections on `listener` until `shutdown`, handshaking each in its own task.
-/// Failed handshakes (no client certificate, an unknown CA, plain TCP) are logged with the
-/// peer address and dropped; they never reach the service.
+/// Accepts connections on `listener` until `shutdown`, handshaking each in its own task with
+/// the config current at that moment. Failed handshakes (no client certificate, an unknown CA,
+/// plain TCP) are logged with the peer address and dropped; they never reach the service.
 pub fn serve_incoming(
     listener: TcpListener,
-    config: ServerConfig,
+    config: Arc<Reloading<ServerConfig>>,
     shutdown: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConnection>> {
-    let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = mpsc::channel(ACCEPTED_BACKLOG);
     tokio::spawn(async move {
         loop {
@@ -206,7 +314,7 @@ pub fn serve_incoming(
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let acceptor = TlsAcceptor::from(config.current());
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -251,15 +359,16 @@ pub fn client_config(ca: &Path, identity: Option<&Identity>) -> Result<ClientCon
 }
 
 /// A gRPC channel to `host:port` over TLS that connects on first use and reconnects after
-/// failures. The server certificate must chain to the configured CA and carry a DNS-name SAN
-/// equal to `host` (rustls never falls back to the subject CN).
+/// failures, each connection with the config current at that moment. The server certificate
+/// must chain to the configured CA and carry a DNS-name SAN equal to `host` (rustls never falls
+/// back to the subject CN).
 ///
 /// # Errors
 /// When `host` is not a DNS name.
 pub fn connect_lazy(
     host: &str,
     port: u16,
-    config: ClientConfig,
+    config: Arc<Reloading<ClientConfig>>,
     connect_timeout: Duration,
 ) -> Result<Channel, TlsError> {
     let server_name = match ServerName::try_from(host.to_owned()) {
@@ -274,10 +383,9 @@ pub fn connect_lazy(
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
-    let connector = TlsConnector::from(Arc::new(config));
     let address = (host.to_owned(), port);
     let connect = tower::service_fn(move |_uri| {
-        let connector = connector.clone();
+        let connector = TlsConnector::from(config.current());
         let server_name = server_name.clone();
         let address = address.clone();
         async move {
