@@ -36,6 +36,10 @@ pub struct Args {
     /// Directory the captures are written to.
     #[arg(long, env = "PI_OUTPUT_DIR", default_value = "/tmp")]
     pub output_dir: PathBuf,
+    /// Acknowledge captures without storing them (a sink for benchmarks); they are counted and
+    /// the count logged at shutdown.
+    #[arg(long, env = "PI_DISCARD")]
+    pub discard: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,12 +54,18 @@ pub enum EmulatorError {
 
 struct Emulator {
     output_dir: Arc<PathBuf>,
+    discard: bool,
+    discarded: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[tonic::async_trait]
 impl AnalysisService for Emulator {
     async fn submit(&self, request: Request<Capture>) -> Result<Response<SubmitReply>, Status> {
         let capture = request.into_inner();
+        if self.discard {
+            self.discarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(Response::new(SubmitReply { stored_as: String::new() }));
+        }
         let dir = self.output_dir.clone();
         let stored = tokio::task::spawn_blocking(move || store::store(&dir, &capture))
             .await
@@ -98,11 +108,20 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
         "analysis emulator serving"
     );
     let incoming = tls::serve_incoming(listener, config, shutdown.clone());
-    let service = Emulator { output_dir: Arc::new(args.output_dir.clone()) };
+    let discarded = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let service =
+        Emulator { output_dir: Arc::new(args.output_dir.clone()), discard: args.discard, discarded: discarded.clone() };
     tonic::transport::Server::builder()
         .add_service(AnalysisServiceServer::new(service).max_decoding_message_size(64 * 1024 * 1024))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await?;
-    tracing::info!("analysis emulator stopped cleanly");
+    if args.discard {
+        tracing::info!(
+            discarded = discarded.load(std::sync::atomic::Ordering::Relaxed),
+            "analysis emulator stopped cleanly"
+        );
+    } else {
+        tracing::info!("analysis emulator stopped cleanly");
+    }
     Ok(())
 }

@@ -20,7 +20,9 @@ pub mod pairs;
 pub mod pipeline;
 pub mod transaction;
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", not(feature = "noop")))]
 mod host;
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "noop"))]
+mod noop;
+#[cfg(all(target_arch = "wasm32", not(feature = "noop")))]
 mod plugin;

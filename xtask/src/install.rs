@@ -3,7 +3,7 @@
 //! `python-diameter`) and the chart tests' tools (PyPI `helm-python-sdk`, `kubernetes-validate`,
 //! `pytest`) in `.venv`, tshark (Debian).
 
-use std::process::Command;
+use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context, Result};
 use packet_inspector_tests::{tools, workspace_root};
@@ -58,17 +58,26 @@ pub fn python_packages() -> Result<()> {
 }
 
 pub fn tshark() -> Result<()> {
-    if tools::tshark().is_ok() {
+    debian_package("tshark", "tshark")
+}
+
+/// A Debian package providing `program`, installed when the program is not on PATH.
+pub fn debian_package(program: &str, package: &str) -> Result<()> {
+    let on_path = || std::env::var("PATH").unwrap_or_default().split(':').any(|d| Path::new(d).join(program).is_file());
+    if on_path() {
         return Ok(());
     }
     if !is_root() {
-        bail!("tshark is missing; install it with: sudo apt-get install -y --no-install-recommends tshark");
+        bail!("{program} is missing; install it with: sudo apt-get install -y --no-install-recommends {package}");
     }
     run(Command::new("apt-get").arg("update").arg("-q"))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends", "tshark"])
+        .args(["install", "-y", "-q", "--no-install-recommends", package])
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    tools::tshark().map(|_| ())
+    if !on_path() {
+        bail!("{package} installed but {program} is still not on PATH");
+    }
+    Ok(())
 }
 
 pub fn all() -> Result<()> {

@@ -5,9 +5,12 @@
 //! - `test`: setup, lint (rustfmt, clippy), build, then every test of the workspace (unit and
 //!   end-to-end) and the Helm chart tests (`tests/charts`, pytest).
 //! - `demo`: setup, build, then a local mesh with real traffic and a table of its captures.
+//! - `bench`: what capture costs, against its floor and Envoy's tap (see `bench.rs`).
 //! - `fuzz TARGET`: cargo fuzz on one of the filter's parsers (nightly, installed on demand).
 
+mod bench;
 mod demo;
+mod ingest;
 mod install;
 
 use std::process::Command;
@@ -34,6 +37,19 @@ enum Task {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         cargo_args: Vec<String>,
+    },
+    /// Measure what capture costs (not a test): proxy CPU and latency against a no-op Wasm
+    /// filter and Envoy's tap, aggregator ingest, capture latency. Writes target/bench/.
+    Bench {
+        /// Interleaved rounds per variant.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per load run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// wrk connections.
+        #[arg(long, default_value_t = 50)]
+        connections: u32,
     },
     /// Fuzz one of the filter's parsers (`diameter_framer`, `pairs`) with cargo fuzz; installs
     /// a nightly toolchain and cargo-fuzz when missing. Not part of `test`.
@@ -122,6 +138,37 @@ fn main() -> Result<()> {
             let mut charts = Command::new(packet_inspector_tests::tools::venv().join("bin/python"));
             charts.current_dir(workspace_root()).args(["-m", "pytest", "tests/charts", "-q", "-p", "no:cacheprovider"]);
             run(charts)
+        }
+        Task::Bench { rounds, seconds, connections } => {
+            install::all()?;
+            install::debian_package("wrk", "wrk")?;
+            build()?;
+            let mut release = cargo();
+            release.args([
+                "build",
+                "--release",
+                "--package",
+                "packet-inspector-aggregator",
+                "--package",
+                "packet-inspector-analysis-emulator",
+                "--bins",
+            ]);
+            run(release)?;
+            let mut noop = cargo();
+            noop.args([
+                "build",
+                "--release",
+                "--package",
+                "packet-inspector-filter",
+                "--target",
+                "wasm32-wasip1",
+                "--features",
+                "noop",
+                "--target-dir",
+            ])
+            .arg(packet_inspector_tests::target_dir().join("noop"));
+            run(noop)?;
+            bench::run(&bench::Options { rounds, seconds, connections })
         }
         Task::Fuzz { target, seconds } => {
             install::fuzzing()?;
