@@ -4,12 +4,61 @@
 //! The queue is the aggregator's memory bound towards a slow analysis service: when it is full,
 //! new captures are dropped and counted (never an unbounded backlog). On shutdown the queue is
 //! closed and drained within the grace period, so what was accepted is delivered.
+//!
+//! Each capture is encoded once, into shared bytes that every attempt sends as they are (the
+//! [`PreEncoded`] codec): a retry costs no copy of the capture's records and bodies.
 
 use std::{sync::Arc, time::Duration};
 
-use packet_inspector_proto::analysis::{analysis_service_client::AnalysisServiceClient, Capture};
+use packet_inspector_proto::analysis::{Capture, SubmitReply};
+use prost::Message;
 use tokio::{sync::mpsc, task::JoinSet};
-use tonic::{transport::Channel, Code};
+use tonic::{
+    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codegen::{http::uri::PathAndQuery, Bytes},
+    transport::Channel,
+    Code, Status,
+};
+
+/// The `Submit` method of the analysis contract.
+const SUBMIT: &str = "/packetinspector.analysis.v1.AnalysisService/Submit";
+
+/// Sends a message encoded beforehand; decodes the reply with prost.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PreEncoded;
+
+impl Codec for PreEncoded {
+    type Encode = Bytes;
+    type Decode = SubmitReply;
+    type Encoder = PreEncoded;
+    type Decoder = PreEncoded;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        PreEncoded
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        PreEncoded
+    }
+}
+
+impl Encoder for PreEncoded {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl Decoder for PreEncoded {
+    type Item = SubmitReply;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<SubmitReply>, Status> {
+        SubmitReply::decode(src).map(Some).map_err(|err| Status::internal(format!("undecodable SubmitReply: {err}")))
+    }
+}
 
 use crate::metrics::{LogLimiter, Metrics};
 
@@ -35,8 +84,7 @@ impl Forwarder {
         metrics: Arc<Metrics>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (queue, rx) = mpsc::channel(capacity);
-        let client = AnalysisServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
-        let task = tokio::spawn(deliver(rx, client, concurrency.max(1), metrics.clone()));
+        let task = tokio::spawn(deliver(rx, channel, concurrency.max(1), metrics.clone()));
         (Self { queue, metrics, queue_full_log: Arc::default() }, task)
     }
 
@@ -54,18 +102,13 @@ impl Forwarder {
     }
 }
 
-async fn deliver(
-    mut rx: mpsc::Receiver<Capture>,
-    client: AnalysisServiceClient<Channel>,
-    concurrency: usize,
-    metrics: Arc<Metrics>,
-) {
+async fn deliver(mut rx: mpsc::Receiver<Capture>, channel: Channel, concurrency: usize, metrics: Arc<Metrics>) {
     let mut in_flight = JoinSet::new();
     while let Some(capture) = rx.recv().await {
         while in_flight.len() >= concurrency {
             in_flight.join_next().await;
         }
-        in_flight.spawn(submit(client.clone(), capture, metrics.clone()));
+        in_flight.spawn(submit(channel.clone(), capture, metrics.clone()));
     }
     while in_flight.join_next().await.is_some() {}
 }
@@ -76,16 +119,26 @@ fn payload_bytes(capture: &Capture) -> u64 {
     })
 }
 
-async fn submit(mut client: AnalysisServiceClient<Channel>, capture: Capture, metrics: Arc<Metrics>) {
+/// One `Submit` call with the encoded capture.
+async fn call(channel: &Channel, encoded: Bytes) -> Result<SubmitReply, Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.map_err(|err| Status::unavailable(format!("analysis service not ready: {err}")))?;
+    let response = grpc.unary(tonic::Request::new(encoded), PathAndQuery::from_static(SUBMIT), PreEncoded).await?;
+    Ok(response.into_inner())
+}
+
+async fn submit(channel: Channel, capture: Capture, metrics: Arc<Metrics>) {
     let payload = payload_bytes(&capture);
     let request_id = capture.metadata.as_ref().map(|m| m.request_id.clone()).unwrap_or_default();
+    let encoded = Bytes::from(capture.encode_to_vec());
+    drop(capture);
     let mut delay = FIRST_RETRY;
     for attempt in 1..=ATTEMPTS {
-        match client.submit(capture.clone()).await {
+        match call(&channel, encoded.clone()).await {
             Ok(reply) => {
                 Metrics::add(&metrics.captures_forwarded_total, 1);
                 Metrics::add(&metrics.forwarded_payload_bytes_total, payload);
-                tracing::debug!(%request_id, stored_as = %reply.into_inner().stored_as, "capture forwarded");
+                tracing::debug!(%request_id, stored_as = %reply.stored_as, "capture forwarded");
                 return;
             }
             // Transport trouble (unreachable, TLS refused, reset) is worth retrying; a refusal
