@@ -38,13 +38,20 @@ fn socket_addr(address: Option<&SocketAddress>) -> Option<SocketAddr> {
     Some(SocketAddr::new(address.ip.parse().ok()?, u16::try_from(address.port).ok()?))
 }
 
-fn http_message(message: &HttpMessage) -> analysis::HttpMessage {
+/// The raw message for the analysis service, taking the transaction's bytes (a body that came
+/// in one chunk moves without a copy).
+fn http_message(message: HttpMessage) -> analysis::HttpMessage {
+    let body_size = message.body_len() as u64 + message.truncated_bytes;
+    let body = match message.body.len() {
+        1 => message.body.into_iter().next().map(|(_, chunk)| chunk).unwrap_or_default(),
+        _ => message.body.into_iter().flat_map(|(_, chunk)| chunk).collect(),
+    };
     analysis::HttpMessage {
-        headers: message.headers.clone(),
-        body: message.body.iter().flat_map(|(_, chunk)| chunk.iter().copied()).collect(),
-        trailers: message.trailers.clone(),
+        headers: message.headers,
+        body,
+        trailers: message.trailers,
         body_truncated: message.truncated_bytes > 0,
-        body_size: message.body_len() as u64 + message.truncated_bytes,
+        body_size,
     }
 }
 
@@ -91,8 +98,8 @@ pub fn build(transaction: Transaction, node: &str) -> Result<Capture, CaptureErr
     Ok(Capture {
         diameter: None,
         http: Some(HttpExchange {
-            request: Some(http_message(&transaction.request)),
-            response: transaction.response.as_ref().map(http_message),
+            request: Some(http_message(transaction.request)),
+            response: transaction.response.map(http_message),
         }),
         metadata: Some(metadata),
         link_type: LINKTYPE_ETHERNET,
@@ -127,7 +134,9 @@ pub fn build_diameter(exchange: Exchange, node: &str) -> Result<Capture, Capture
     let pieces: Vec<(Side, http1::Piece)> = [&exchange.request, &exchange.answer]
         .into_iter()
         .flatten()
-        .map(|seen| (side(seen), http1::Piece { timestamp_ns: seen.at_ns, bytes: seen.message.message.clone() }))
+        .map(|seen| {
+            (side(seen), http1::Piece { timestamp_ns: seen.at_ns, bytes: seen.message.message.as_slice().into() })
+        })
         .collect();
     let end_ns = exchange.answer.as_ref().map_or(open_ns, |answer| answer.at_ns.max(open_ns));
     let records = tcp::conversation(client, server, pieces, open_ns, end_ns, open_ns ^ metadata.connection_id)?;

@@ -7,6 +7,8 @@
 //! captured bytes and an `x-packet-inspector-truncated` header saying how much was cut; a body
 //! with trailers is sent chunked. Bytes HTTP cannot carry are mended by [`crate::wire`].
 
+use std::borrow::Cow;
+
 use packet_inspector_proto::capture::Header;
 
 use crate::{assembly::HttpMessage, wire};
@@ -14,11 +16,12 @@ use crate::{assembly::HttpMessage, wire};
 /// Header added when the body was cut by the filter's limit.
 pub const TRUNCATED_HEADER: &str = "x-packet-inspector-truncated";
 
-/// A run of bytes the proxy saw at `timestamp_ns`.
+/// A run of bytes the proxy saw at `timestamp_ns`; body bytes are borrowed from the
+/// transaction where the framing leaves them as they are.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Piece {
+pub struct Piece<'a> {
     pub timestamp_ns: u64,
-    pub bytes: Vec<u8>,
+    pub bytes: Cow<'a, [u8]>,
 }
 
 fn is_pseudo(header: &Header) -> bool {
@@ -49,13 +52,13 @@ pub const OMITTED_HEADER: &str = "x-packet-inspector-omitted";
 
 /// Writes the header block (after the start line) and returns the pieces of the message.
 /// `bodyless`: the message cannot carry a body (see [`OMITTED_HEADER`]).
-fn message_pieces(
+fn message_pieces<'a>(
     mut head: Vec<u8>,
-    message: &HttpMessage,
+    message: &'a HttpMessage,
     is_request: bool,
     extra_host: Option<&[u8]>,
     bodyless: bool,
-) -> Vec<Piece> {
+) -> Vec<Piece<'a>> {
     if bodyless {
         return bodyless_pieces(head, message);
     }
@@ -88,16 +91,16 @@ fn message_pieces(
         write_header(&mut head, TRUNCATED_HEADER.as_bytes(), note.as_bytes());
     }
     head.extend_from_slice(b"\r\n");
-    let mut pieces = vec![Piece { timestamp_ns: message.headers_ns, bytes: head }];
+    let mut pieces = vec![Piece { timestamp_ns: message.headers_ns, bytes: head.into() }];
     for (at, chunk) in &message.body {
         let bytes = match framing {
             Framing::Chunked => {
                 let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
                 framed.extend_from_slice(chunk);
                 framed.extend_from_slice(b"\r\n");
-                framed
+                Cow::Owned(framed)
             }
-            _ => chunk.clone(),
+            _ => Cow::Borrowed(chunk.as_slice()),
         };
         pieces.push(Piece { timestamp_ns: *at, bytes });
     }
@@ -112,14 +115,14 @@ fn message_pieces(
         } else {
             message.trailers_ns
         };
-        pieces.push(Piece { timestamp_ns: at, bytes: last });
+        pieces.push(Piece { timestamp_ns: at, bytes: last.into() });
     }
     pieces
 }
 
 /// A message without a body: headers only (framing headers dropped, since nothing follows), and
 /// a note of the body bytes the proxy reported, which the `.bson` keeps.
-fn bodyless_pieces(mut head: Vec<u8>, message: &HttpMessage) -> Vec<Piece> {
+fn bodyless_pieces(mut head: Vec<u8>, message: &HttpMessage) -> Vec<Piece<'static>> {
     for header in message.headers.iter().filter(|h| !is_pseudo(h) && !is_framing(h)) {
         write_header(&mut head, &header.name, &header.value);
     }
@@ -132,7 +135,7 @@ fn bodyless_pieces(mut head: Vec<u8>, message: &HttpMessage) -> Vec<Piece> {
         );
     }
     head.extend_from_slice(b"\r\n");
-    vec![Piece { timestamp_ns: message.headers_ns, bytes: head }]
+    vec![Piece { timestamp_ns: message.headers_ns, bytes: head.into() }]
 }
 
 fn pseudo<'a>(message: &'a HttpMessage, name: &[u8]) -> Option<&'a [u8]> {
@@ -140,7 +143,7 @@ fn pseudo<'a>(message: &'a HttpMessage, name: &[u8]) -> Option<&'a [u8]> {
 }
 
 /// The request as HTTP/1.1 text pieces.
-pub fn request(message: &HttpMessage) -> Vec<Piece> {
+pub fn request(message: &HttpMessage) -> Vec<Piece<'_>> {
     let mut head = Vec::with_capacity(512);
     head.extend_from_slice(&wire::token(pseudo(message, b":method").unwrap_or(b"GET")));
     head.push(b' ');
@@ -155,7 +158,7 @@ pub fn request(message: &HttpMessage) -> Vec<Piece> {
 
 /// The response as HTTP/1.1 text pieces; `request_method` decides whether it may carry a body
 /// (a response to HEAD never does).
-pub fn response(message: &HttpMessage, request_method: Option<&[u8]>) -> Vec<Piece> {
+pub fn response<'a>(message: &'a HttpMessage, request_method: Option<&[u8]>) -> Vec<Piece<'a>> {
     let status = wire::status(pseudo(message, b":status"));
     let reason = http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Unknown");
     let head = format!("HTTP/1.1 {status} {reason}\r\n").into_bytes();
@@ -172,7 +175,7 @@ mod tests {
     }
 
     fn text(pieces: &[Piece]) -> String {
-        String::from_utf8_lossy(&pieces.iter().flat_map(|p| p.bytes.clone()).collect::<Vec<_>>()).into_owned()
+        String::from_utf8_lossy(&pieces.iter().flat_map(|p| p.bytes.to_vec()).collect::<Vec<_>>()).into_owned()
     }
 
     #[test]

@@ -185,7 +185,7 @@ impl Blocks {
 }
 
 /// The frames of one direction on stream 1, as timed pieces.
-fn message_pieces(message: &HttpMessage, blocks: &Blocks, aborted: bool, max_frame_size: usize) -> Vec<Piece> {
+fn message_pieces(message: &HttpMessage, blocks: &Blocks, aborted: bool, max_frame_size: usize) -> Vec<Piece<'static>> {
     let chunks = body_chunks(message, is_grpc(message));
     let mut head = Vec::new();
     header_frames(
@@ -194,7 +194,7 @@ fn message_pieces(message: &HttpMessage, blocks: &Blocks, aborted: bool, max_fra
         chunks.is_empty() && blocks.trailers.is_none() && !aborted,
         max_frame_size,
     );
-    let mut pieces = vec![Piece { timestamp_ns: message.headers_ns, bytes: head }];
+    let mut pieces = vec![Piece { timestamp_ns: message.headers_ns, bytes: head.into() }];
     let last_chunk = chunks.len().saturating_sub(1);
     for (index, (at, chunk)) in chunks.iter().enumerate() {
         let mut bytes = Vec::with_capacity(chunk.len() + 9 * (chunk.len() / max_frame_size + 1));
@@ -203,12 +203,12 @@ fn message_pieces(message: &HttpMessage, blocks: &Blocks, aborted: bool, max_fra
             let last = index == last_chunk && n + 1 == frames.len() && blocks.trailers.is_none() && !aborted;
             frame(&mut bytes, DATA, if last { END_STREAM } else { 0 }, STREAM, data);
         }
-        pieces.push(Piece { timestamp_ns: *at, bytes });
+        pieces.push(Piece { timestamp_ns: *at, bytes: bytes.into() });
     }
     if let Some(trailers) = &blocks.trailers {
         let mut bytes = Vec::new();
         header_frames(&mut bytes, trailers, true, max_frame_size);
-        pieces.push(Piece { timestamp_ns: message.trailers_ns, bytes });
+        pieces.push(Piece { timestamp_ns: message.trailers_ns, bytes: bytes.into() });
     }
     pieces
 }
@@ -223,7 +223,7 @@ pub fn conversation(
     open_ns: u64,
     end_ns: u64,
     complete: bool,
-) -> (Vec<Piece>, Vec<Piece>) {
+) -> (Vec<Piece<'static>>, Vec<Piece<'static>>) {
     let grpc = is_grpc(request) || response.is_some_and(is_grpc);
     let request_blocks = Blocks::of(request);
     let response_blocks = response.map(Blocks::of);
@@ -236,13 +236,14 @@ pub fn conversation(
     settings(&mut start, false, response_frame_size);
     let mut ack = Vec::new();
     frame(&mut ack, SETTINGS, ACK, 0, &[]);
-    let mut client = vec![Piece { timestamp_ns: open_ns, bytes: start }, Piece { timestamp_ns: open_ns, bytes: ack }];
+    let mut client =
+        vec![Piece { timestamp_ns: open_ns, bytes: start.into() }, Piece { timestamp_ns: open_ns, bytes: ack.into() }];
     client.extend(message_pieces(request, &request_blocks, !complete, request_frame_size));
 
     let mut start = Vec::new();
     settings(&mut start, true, request_frame_size);
     frame(&mut start, SETTINGS, ACK, 0, &[]);
-    let mut server = vec![Piece { timestamp_ns: open_ns, bytes: start }];
+    let mut server = vec![Piece { timestamp_ns: open_ns, bytes: start.into() }];
     match (response, &response_blocks) {
         (Some(response), Some(blocks)) => {
             server.extend(message_pieces(response, blocks, !complete, response_frame_size))
@@ -250,7 +251,7 @@ pub fn conversation(
         _ => {
             let mut reset = Vec::new();
             frame(&mut reset, RST_STREAM, 0, STREAM, &0x8u32.to_be_bytes());
-            server.push(Piece { timestamp_ns: end_ns, bytes: reset });
+            server.push(Piece { timestamp_ns: end_ns, bytes: reset.into() });
         }
     }
     (client, server)
@@ -295,7 +296,7 @@ mod tests {
         };
         let (pieces, _) = conversation(&request, None, 1, 2, true);
         assert!(pieces[0].bytes.starts_with(PREFACE));
-        let all: Vec<u8> = pieces.iter().flat_map(|p| p.bytes.clone()).collect();
+        let all: Vec<u8> = pieces.iter().flat_map(|p| p.bytes.to_vec()).collect();
         let kinds = frames(&all[PREFACE.len()..]);
         assert_eq!(kinds[0], (SETTINGS, 0, 0, 12));
         assert_eq!(kinds[1], (WINDOW_UPDATE, 0, 0, 4));
@@ -314,7 +315,7 @@ mod tests {
         let request =
             HttpMessage { headers: vec![h(":method", b"GET"), h("x-big", &vec![b'v'; 40_000])], ..Default::default() };
         let (pieces, _) = conversation(&request, None, 1, 2, true);
-        let all: Vec<u8> = pieces.iter().skip(2).flat_map(|p| p.bytes.clone()).collect();
+        let all: Vec<u8> = pieces.iter().skip(2).flat_map(|p| p.bytes.to_vec()).collect();
         let kinds = frames(&all);
         assert_eq!(
             kinds.iter().map(|k| (k.0, k.1)).collect::<Vec<_>>(),

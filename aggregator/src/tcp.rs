@@ -140,7 +140,7 @@ fn v6(ip: IpAddr) -> Ipv6Addr {
 pub fn conversation(
     client: SocketAddr,
     server: SocketAddr,
-    mut pieces: Vec<(Side, Piece)>,
+    mut pieces: Vec<(Side, Piece<'_>)>,
     open_ns: u64,
     close_ns: u64,
     seed: u64,
@@ -191,8 +191,8 @@ mod tests {
     use super::*;
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
-    fn piece(at: u64, bytes: &[u8]) -> Piece {
-        Piece { timestamp_ns: at, bytes: bytes.to_vec() }
+    fn piece(at: u64, bytes: &[u8]) -> Piece<'static> {
+        Piece { timestamp_ns: at, bytes: bytes.to_vec().into() }
     }
 
     struct Seen {
