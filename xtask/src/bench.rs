@@ -413,7 +413,15 @@ pub fn run(options: &Options) -> Result<()> {
     crate::ingest::wait_drained(aggregator_admin)?;
     let capture_port = under_test["capture"].1[0];
     let latency =
-        crate::ingest::capture_latency(&dir, &certs, &release, emulator_port, capture_port, &mut bench.processes)?;
+        crate::ingest::capture_latency(&dir, &certs, &release, emulator_port, capture_port, &mut bench.processes)
+            .with_context(|| {
+                let filter =
+                    admin_get(under_test_admin(&dir, "capture").unwrap_or(0), "/stats?filter=packet_inspector")
+                        .unwrap_or_default();
+                let aggregator = admin_get(aggregator_admin, "/metrics").unwrap_or_default();
+                let aggregator: Vec<&str> = aggregator.lines().filter(|l| !l.starts_with('#')).collect();
+                format!("capture filter stats:\n{filter}\naggregator metrics:\n{}", aggregator.join("\n"))
+            })?;
     eprintln!(
         "bench: capture on disk after the response: p50 {:.3} s, p99 {:.3} s",
         latency.p50_seconds, latency.p99_seconds

@@ -182,8 +182,9 @@ pub fn run(certs: &Path, port: u16, aggregator: u32, seconds: u64) -> Result<Ing
     })
 }
 
-/// Waits until the aggregator has nothing in flight: every capture it built was forwarded,
-/// failed or dropped (each counted in its metrics).
+/// Waits until the pipeline is quiet: no frame reached the aggregator for 2 s (the filters'
+/// buffers are empty) and every capture it built was forwarded, failed or dropped (each counted
+/// in its metrics).
 pub fn wait_drained(admin: u16) -> Result<()> {
     let metric = |text: &str, name: &str| -> u64 {
         text.lines()
@@ -191,14 +192,21 @@ pub fn wait_drained(admin: u16) -> Result<()> {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     };
-    wait_for("the aggregator to drain its queue", Duration::from_secs(120), || {
+    let mut last_frames = None;
+    let mut quiet_since = Instant::now();
+    wait_for("the capture pipeline to be quiet", Duration::from_secs(300), || {
         let text = packet_inspector_tests::mesh::admin_get(admin, "/metrics").ok()?;
+        let frames = metric(&text, "frames_received_total");
+        if last_frames != Some(frames) {
+            last_frames = Some(frames);
+            quiet_since = Instant::now();
+        }
         let built = metric(&text, "captures_built_total");
         let settled = ["captures_forwarded_total", "captures_forward_failed_total", "captures_queue_full_total"]
             .iter()
             .map(|name| metric(&text, name))
             .sum::<u64>();
-        (settled >= built).then_some(())
+        (settled >= built && quiet_since.elapsed() >= Duration::from_secs(2)).then_some(())
     })
 }
 
