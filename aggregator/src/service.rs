@@ -7,6 +7,7 @@
 use std::{sync::Arc, time::Duration};
 
 use packet_inspector_proto::{
+    analysis::Capture,
     capture::{capture_service_server::CaptureService, frame::Kind, BatchAck, FrameBatch},
     tls::PeerInfo,
 };
@@ -17,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     assembly::{Assembler, Limits, Transaction},
-    capture,
+    capture::{self, CaptureError},
     diameter::{Exchange, Pairer},
     forwarder::Forwarder,
     metrics::{LogLimiter, Metrics},
@@ -55,8 +56,9 @@ struct StreamTask {
 }
 
 impl StreamTask {
-    fn finish(&self, transaction: Transaction) {
-        match capture::build(transaction, &self.node) {
+    /// Hands a built capture to the forwarder, or counts (and, rate-limited, logs) why not.
+    fn deliver(&self, built: Result<Capture, CaptureError>, what: &'static str) {
+        match built {
             Ok(capture) => {
                 Metrics::add(&self.metrics.captures_built_total, 1);
                 self.forwarder.submit(capture);
@@ -64,10 +66,14 @@ impl StreamTask {
             Err(err) => {
                 Metrics::add(&self.metrics.captures_unbuildable_total, 1);
                 if let Some(held_back) = UNBUILDABLE_LOG.allow() {
-                    tracing::warn!(peer = %self.peer, error = %err, also_since_last_warning = held_back, "transaction not captured");
+                    tracing::warn!(peer = %self.peer, error = %err, also_since_last_warning = held_back, "{what} not captured");
                 }
             }
         }
+    }
+
+    fn finish(&self, transaction: Transaction) {
+        self.deliver(capture::build(transaction, &self.node), "transaction");
     }
 
     fn finish_diameter(&self, exchanges: Vec<Exchange>) {
@@ -75,18 +81,7 @@ impl StreamTask {
             if exchange.request.is_none() || exchange.answer.is_none() {
                 Metrics::add(&self.metrics.diameter_unpaired_total, 1);
             }
-            match capture::build_diameter(exchange, &self.node) {
-                Ok(capture) => {
-                    Metrics::add(&self.metrics.captures_built_total, 1);
-                    self.forwarder.submit(capture);
-                }
-                Err(err) => {
-                    Metrics::add(&self.metrics.captures_unbuildable_total, 1);
-                    if let Some(held_back) = UNBUILDABLE_LOG.allow() {
-                        tracing::warn!(peer = %self.peer, error = %err, also_since_last_warning = held_back, "Diameter exchange not captured");
-                    }
-                }
-            }
+            self.deliver(capture::build_diameter(exchange, &self.node), "Diameter exchange");
         }
     }
 
