@@ -37,16 +37,18 @@ def answer_credit_control(app, request):
 
 
 def serve(args):
+    # Handlers first: a SIGTERM at any point after start-up ends in a clean stop.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     node = Node(SERVER, REALM, ip_addresses=[args.host], tcp_port=args.port)
     client = node.add_peer(f"aaa://{CLIENT}", REALM)
     app = SimpleThreadingApplication(CREDIT_CONTROL, is_auth_application=True, request_handler=answer_credit_control)
     node.add_application(app, [client])
     node.start()
     print(f"serving Diameter on {args.host}:{args.port}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(0.5):
+        pass
     node.stop(wait_timeout=5)
     return 0
 
