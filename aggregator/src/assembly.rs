@@ -69,8 +69,6 @@ pub enum AssemblyError {
     Orphan(u64),
     #[error("transaction {0} started twice")]
     DuplicateStart(u64),
-    #[error("too many open transactions ({0}); transaction {1} refused")]
-    TooManyOpen(usize, u64),
     #[error("transaction {0} exceeded {1} bytes and was discarded")]
     TooLarge(u64, usize),
     #[error("frame for transaction {0} has no kind or an unknown one")]
@@ -92,7 +90,6 @@ impl AssemblyError {
         match self {
             Self::Orphan(_) => "orphan",
             Self::DuplicateStart(_) => "duplicate_start",
-            Self::TooManyOpen(..) => "too_many_open",
             Self::TooLarge(..) => "too_large",
             Self::Empty(_) => "empty",
             Self::NotHttp(_) => "not_http",
@@ -103,6 +100,8 @@ impl AssemblyError {
 #[derive(Debug)]
 struct Open {
     transaction: Transaction,
+    /// When its last frame arrived (eviction takes the stalest).
+    last_frame_ns: u64,
     bytes: usize,
     /// Body bytes since the current segment started.
     segment_bytes: usize,
@@ -120,11 +119,12 @@ pub struct Limits {
 pub struct Assembler {
     open: HashMap<u64, Open>,
     limits: Limits,
+    evicted: Vec<Transaction>,
 }
 
 impl Assembler {
     pub fn new(limits: Limits) -> Self {
-        Self { open: HashMap::new(), limits }
+        Self { open: HashMap::new(), limits, evicted: Vec::new() }
     }
 
     pub fn open_transactions(&self) -> usize {
@@ -147,6 +147,7 @@ impl Assembler {
         }
         let open = self.open.get_mut(&id).ok_or(AssemblyError::Orphan(id))?;
         open.transaction.end_ns = open.transaction.end_ns.max(at);
+        open.last_frame_ns = open.last_frame_ns.max(at);
         match kind {
             Kind::Start(_) => return Err(AssemblyError::DuplicateStart(id)),
             Kind::Diameter(_) => return Err(AssemblyError::NotHttp(id)),
@@ -198,6 +199,12 @@ impl Assembler {
             .collect()
     }
 
+    /// Transactions evicted at the open-transaction bound since the last call, finished as
+    /// aborted; the caller delivers (and counts) them.
+    pub fn take_evicted(&mut self) -> Vec<Transaction> {
+        std::mem::take(&mut self.evicted)
+    }
+
     fn start(
         &mut self,
         id: u64,
@@ -205,7 +212,10 @@ impl Assembler {
         mut metadata: TransactionMetadata,
     ) -> Result<Option<Transaction>, AssemblyError> {
         if self.open.len() >= self.limits.max_open_transactions {
-            return Err(AssemblyError::TooManyOpen(self.open.len(), id));
+            let stalest = self.open.iter().min_by_key(|(_, open)| open.last_frame_ns).map(|(id, _)| *id);
+            if let Some(open) = stalest.and_then(|id| self.open.remove(&id)) {
+                self.evicted.push(Transaction { end_reason: EndReason::Aborted, ..open.transaction });
+            }
         }
         if metadata.start_time_ns == 0 {
             metadata.start_time_ns = at;
@@ -220,7 +230,7 @@ impl Assembler {
             segment: 1,
             last_segment: true,
         };
-        self.open.insert(id, Open { transaction, bytes: 0, segment_bytes: 0 });
+        self.open.insert(id, Open { transaction, last_frame_ns: at, bytes: 0, segment_bytes: 0 });
         Ok(None)
     }
 
@@ -346,8 +356,6 @@ mod tests {
         assert_eq!(assembler.accept(headers(5, Direction::Request, "a")), Err(AssemblyError::Orphan(5)));
         assembler.accept(start(1)).unwrap();
         assert_eq!(assembler.accept(start(1)), Err(AssemblyError::DuplicateStart(1)));
-        assembler.accept(start(2)).unwrap();
-        assert_eq!(assembler.accept(start(3)), Err(AssemblyError::TooManyOpen(2, 3)));
         assert_eq!(assembler.accept(body(1, Direction::Request, &[0; 101], 0)), Err(AssemblyError::TooLarge(1, 100)));
         assert_eq!(assembler.accept(end(1)), Err(AssemblyError::Orphan(1)), "a discarded transaction is gone");
         assert_eq!(
@@ -405,6 +413,23 @@ mod tests {
         assembler.accept(start(1)).unwrap();
         assert_eq!(assembler.accept(body_at(1, 100, b"abc")).unwrap(), None);
         assert!(assembler.sweep(1000).is_empty());
+    }
+
+    #[test]
+    fn at_the_bound_the_stalest_transaction_is_evicted_not_the_new_one_refused() {
+        let mut assembler = Assembler::new(LIMITS); // at most 2 open
+        let at = |id: u64, t: u64| frame(id, t, Kind::Start(TransactionStart::default()));
+        assembler.accept(at(1, 10)).unwrap();
+        assembler.accept(at(2, 20)).unwrap();
+        assembler.accept(body(1, Direction::Request, b"x", 0)).unwrap(); // 1 active at 3... older than 20
+        assert_eq!(assembler.accept(at(3, 30)).unwrap(), None, "the new transaction is taken");
+        let evicted = assembler.take_evicted();
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(evicted[0].end_reason, EndReason::Aborted);
+        assert_eq!(evicted[0].request.body, vec![(3, b"x".to_vec())], "transaction 1, last active at 3");
+        assert_eq!(assembler.open_transactions(), 2);
+        assert!(assembler.take_evicted().is_empty());
+        assert!(assembler.accept(end(3)).unwrap().is_some());
     }
 
     #[test]

@@ -50,7 +50,8 @@ pub struct Args {
     /// Concurrent Submit calls to the analysis service.
     #[arg(long, env = "PI_FORWARD_CONCURRENCY", default_value_t = 8)]
     pub forward_concurrency: usize,
-    /// Open transactions per filter stream; more are refused and counted.
+    /// Open transactions per filter stream; at the bound the stalest one is delivered as
+    /// aborted (and counted) to make room.
     #[arg(long, env = "PI_MAX_OPEN_TRANSACTIONS", default_value_t = 4096)]
     pub max_open_transactions: usize,
     /// Bytes one transaction may hold (headers and captured bodies).

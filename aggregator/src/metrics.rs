@@ -36,6 +36,8 @@ metrics! {
     frames_received_total: "counter",
     /// Frames refused by transaction assembly (orphans, duplicates, limits).
     frames_rejected_total: "counter",
+    /// Open transactions evicted (delivered as aborted) at the open-transaction bound.
+    transactions_evicted_total: "counter",
     /// Captures the filters reported dropping before they reached the aggregator.
     filter_captures_dropped_total: "counter",
     /// Transactions assembled into captures.

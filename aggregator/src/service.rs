@@ -103,6 +103,10 @@ impl StreamTask {
                     tracing::debug!(peer = %self.peer, reason = err.kind(), error = %err, "frame rejected");
                 }
             }
+            for evicted in assembler.take_evicted() {
+                Metrics::add(&self.metrics.transactions_evicted_total, 1);
+                self.finish(evicted);
+            }
         }
     }
 }

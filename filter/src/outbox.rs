@@ -10,6 +10,9 @@ use std::collections::VecDeque;
 use packet_inspector_proto::capture::{Frame, FrameBatch};
 use prost::Message;
 
+/// Bytes beyond the buffer bound that end frames may use (see [`Outbox::push_end`]).
+pub const END_RESERVE: usize = 64 * 1024;
+
 /// The outbox is full; the frame was not taken.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Full;
@@ -49,8 +52,23 @@ impl Outbox {
     /// # Errors
     /// [`Full`] when the frame would take the buffer past its byte bound.
     pub fn push(&mut self, frame: Frame) -> Result<(), Full> {
+        self.push_within(frame, self.max_buffer_bytes)
+    }
+
+    /// Queues a transaction's end frame, which may use [`END_RESERVE`] bytes beyond the bound:
+    /// an end lost to a full buffer would leave its transaction open at the aggregator. End
+    /// frames are tiny and there is at most one per exchange in flight, so the reserve is a
+    /// bound too.
+    ///
+    /// # Errors
+    /// [`Full`] when even the reserve is used up.
+    pub fn push_end(&mut self, frame: Frame) -> Result<(), Full> {
+        self.push_within(frame, self.max_buffer_bytes + END_RESERVE)
+    }
+
+    fn push_within(&mut self, frame: Frame, bound: usize) -> Result<(), Full> {
         let len = framed_len(&frame);
-        if self.buffered_bytes + len > self.max_buffer_bytes {
+        if self.buffered_bytes + len > bound {
             return Err(Full);
         }
         self.buffered_bytes += len;
@@ -155,6 +173,21 @@ mod tests {
         assert_eq!(outbox.push(frame(4, 100)), Err(Full));
         assert!(outbox.next_batch(0).is_some());
         outbox.push(frame(5, 100)).unwrap();
+    }
+
+    #[test]
+    fn end_frames_use_a_bounded_reserve() {
+        let one = framed_len(&frame(1, 100));
+        let mut outbox = Outbox::new(one, one, 1);
+        outbox.push(frame(1, 100)).unwrap();
+        assert_eq!(outbox.push(frame(2, 1)), Err(Full));
+        let end = Frame { transaction_id: 3, timestamp_ns: 1, kind: Some(Kind::End(Default::default())) };
+        outbox.push_end(end.clone()).unwrap();
+        let mut taken = 1;
+        while outbox.push_end(end.clone()).is_ok() {
+            taken += 1;
+        }
+        assert!(taken * framed_len(&end) <= END_RESERVE && (taken + 1) * framed_len(&end) > END_RESERVE);
     }
 
     #[test]

@@ -198,7 +198,8 @@ impl Pipeline {
         if fate == Fate::Abandoned || (fate == Fate::Damaged && !is_end) {
             return fate;
         }
-        match self.outbox.push(frame) {
+        let pushed = if is_end { self.outbox.push_end(frame) } else { self.outbox.push(frame) };
+        match pushed {
             Ok(()) => {
                 if self.outbox.has_full_batch() {
                     self.flush(host);
@@ -433,8 +434,17 @@ mod tests {
         let c = pipeline.begin(&mut host).unwrap();
         let fate_c = pipeline.record(&mut host, Fate::Recording, start(c));
         assert_eq!((fate_a, fate_b, fate_c), (Fate::Recording, Fate::Recording, Fate::Abandoned));
+        // The end of a recording transaction still goes in (the reserve), so it is closed
+        // at the aggregator rather than left open.
         let fate_a = pipeline.record(&mut host, Fate::Recording, end(a));
-        assert_eq!(fate_a, Fate::Damaged);
+        assert_eq!(fate_a, Fate::Recording);
+        assert_eq!(host.counter(Counter::CapturesDropped), 1);
+        assert_eq!(host.counter(Counter::FramesDropped), 1);
+        // A later data frame that finds the buffer full damages it; its end still goes.
+        let body = Frame { transaction_id: b, timestamp_ns: 3, kind: Some(Kind::Body(Default::default())) };
+        let fate_b = pipeline.record(&mut host, Fate::Recording, body);
+        assert_eq!(fate_b, Fate::Damaged);
+        assert_eq!(pipeline.record(&mut host, fate_b, end(b)), Fate::Damaged);
         assert_eq!(host.counter(Counter::CapturesDropped), 2);
         assert_eq!(host.counter(Counter::FramesDropped), 2);
     }
