@@ -8,7 +8,10 @@
 //! Each capture is encoded once, into shared bytes that every attempt sends as they are (the
 //! [`PreEncoded`] codec): a retry costs no copy of the capture's records and bodies.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::Duration,
+};
 
 use packet_inspector_proto::analysis::{Capture, SubmitReply};
 use prost::Message;
@@ -90,7 +93,9 @@ impl Forwarder {
 
     /// Queues a capture, or drops and counts it when the queue is full.
     pub fn submit(&self, capture: Capture) {
-        if self.queue.try_send(capture).is_err() {
+        let queued = self.queue.try_send(capture);
+        self.metrics.forward_queue_captures.store(queue_depth(&self.queue), Relaxed);
+        if queued.is_err() {
             Metrics::add(&self.metrics.captures_queue_full_total, 1);
             if let Some(held_back) = self.queue_full_log.allow() {
                 tracing::warn!(
@@ -102,9 +107,14 @@ impl Forwarder {
     }
 }
 
+fn queue_depth<T>(queue: &mpsc::Sender<T>) -> u64 {
+    (queue.max_capacity() - queue.capacity()) as u64
+}
+
 async fn deliver(mut rx: mpsc::Receiver<Capture>, channel: Channel, concurrency: usize, metrics: Arc<Metrics>) {
     let mut in_flight = JoinSet::new();
     while let Some(capture) = rx.recv().await {
+        metrics.forward_queue_captures.store(rx.len() as u64, Relaxed);
         while in_flight.len() >= concurrency {
             in_flight.join_next().await;
         }

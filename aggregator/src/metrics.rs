@@ -46,6 +46,8 @@ metrics! {
     captures_unbuildable_total: "counter",
     /// Captures dropped because the forwarding queue was full.
     captures_queue_full_total: "counter",
+    /// Captures waiting in the forwarding queue (its bound is `--forward-queue`).
+    forward_queue_captures: "gauge",
     /// Captures stored by the analysis service.
     captures_forwarded_total: "counter",
     /// Captures given up after retries (analysis service unreachable, TLS refused, rejected).

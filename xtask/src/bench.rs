@@ -2,20 +2,23 @@
 //! targets of the benchmark issue printed as PASS/FAIL and written, with every raw run, under
 //! `target/bench/` (`runs.json`, `summary.json`). Not a test: nothing asserts a timing.
 //!
-//! 1. Proxy cost: four Envoys under test (`--concurrency 1`, pinned to core 0) forward HTTP/1.1
-//!    to one upstream Envoy answering 1 KiB or 64 KiB bodies (`direct_response`): no filter, the
+//! 1. Proxy cost: four Envoys under test (`--concurrency 1`, pinned to core 0) forward to one
+//!    upstream Envoy answering 1 KiB or 64 KiB bodies (`direct_response`): no filter, the
 //!    project's no-op Wasm filter (the VM-crossing floor), the capture filter (aggregator
-//!    running), and Envoy's own tap filter writing every exchange to a file. `wrk` loads them from
-//!    core 1, in interleaved rounds (A B C D A B C D ...). Envoy CPU per request comes from
-//!    `/proc/<pid>/stat`.
-//! 2. Aggregator ingest: a load generator speaking the filter protocol over real mTLS (many
-//!    concurrent streams, the filter's ack window) against the aggregator pinned to one core,
-//!    the emulator discarding: frames/s and captured MB/s per aggregator CPU-second.
+//!    running), and Envoy's own tap filter writing every exchange to a file. Load comes from
+//!    core 1, in interleaved rounds (A B C D A B C D ...), three ways: `wrk` closed loop (as fast
+//!    as each variant goes: its capacity), then at a fixed rate, the same for every variant
+//!    (half the slowest variant's capacity): HTTP/1.1 open loop (`openloop.rs`) and HTTP/2 (h2c)
+//!    with `h2load`. Envoy CPU per request comes from `/proc/<pid>/stat`. P1 and P2 compare the
+//!    open-loop HTTP/1.1 runs: the same offered load, so the same batching and wake-up
+//!    conditions for every variant.
+//! 2. Overload (see `overload.rs`): the analysis service stopped (SIGSTOP) for a minute under
+//!    as much load as the capture proxy takes.
 //! 3. Capture latency: sequential requests through the capture sidecar; the time from the end of
 //!    each response to its file appearing at the emulator.
-//!
-//! Overload (the analysis service stalled under 10x load: RSS, drops, recovery) is not
-//! measured yet; its target is reported as not measured.
+//! 4. Aggregator ingest: a load generator speaking the filter protocol over real mTLS (many
+//!    concurrent streams, the filter's ack window) against the aggregator pinned to one core,
+//!    the emulator discarding: frames/s and captured MB/s per aggregator CPU-second.
 
 use std::{
     collections::BTreeMap,
@@ -28,43 +31,97 @@ use anyhow::{bail, Context, Result};
 use packet_inspector_tests::{certs::Ca, free_port, mesh::admin_get, process::Process, target_dir, tools, wait_for};
 use serde_json::json;
 
-const VARIANTS: [&str; 4] = ["none", "noop", "capture", "tap"];
-const SIZES: [(&str, usize); 2] = [("1KiB", 1024), ("64KiB", 65536)];
+pub const VARIANTS: [&str; 4] = ["none", "noop", "capture", "tap"];
+pub const SIZES: [(&str, usize); 2] = [("1KiB", 1024), ("64KiB", 65536)];
+pub const PARTS: [&str; 4] = ["proxy", "overload", "latency", "ingest"];
 
 pub struct Options {
     pub rounds: usize,
     pub seconds: u64,
     pub connections: u32,
+    /// Which of [`PARTS`] to run.
+    pub parts: Vec<String>,
+    /// Which of [`VARIANTS`] the proxy part loads.
+    pub variants: Vec<String>,
+    /// Which of [`SIZES`] the proxy part loads.
+    pub sizes: Vec<String>,
+    /// How long the overload part stops the analysis service.
+    pub stall_seconds: u64,
 }
 
-/// One wrk run against one Envoy.
+impl Options {
+    fn runs(&self, part: &str) -> bool {
+        self.parts.iter().any(|p| p == part)
+    }
+}
+
+/// How a load run loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Load {
+    /// `wrk`, HTTP/1.1, as fast as the variant answers.
+    Closed,
+    /// HTTP/1.1 at a fixed rate, open loop (`openloop.rs`).
+    OpenHttp1,
+    /// `h2load` (h2c) at a fixed rate; h2load starts its clients' timers together, so the
+    /// requests come in small bursts.
+    FixedHttp2,
+}
+
+impl Load {
+    const ALL: [Load; 3] = [Load::Closed, Load::OpenHttp1, Load::FixedHttp2];
+
+    fn name(self) -> &'static str {
+        match self {
+            Load::Closed => "closed",
+            Load::OpenHttp1 => "open-h1",
+            Load::FixedHttp2 => "fixed-h2",
+        }
+    }
+}
+
+/// One load run against one Envoy.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Run {
     size: String,
+    load: Load,
     variant: String,
     round: usize,
+    /// Requests per second offered (fixed-rate runs).
+    offered: Option<f64>,
     requests: u64,
+    /// Requests that did not get a 2xx answer (errors, timeouts, other statuses).
+    failed: u64,
     requests_per_second: f64,
     p50_us: f64,
     p99_us: f64,
     envoy_cpu_us_per_request: f64,
 }
 
-fn cpu_ticks(pid: u32) -> Result<u64> {
+/// What a load generator reports.
+pub struct LoadResult {
+    pub requests: u64,
+    pub failed: u64,
+    pub requests_per_second: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+pub fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the parenthesised command; utime and stime are the 14th and 15th fields.
     let fields: Vec<&str> = stat.rsplit_once(')').context("stat")?.1.split_whitespace().collect();
     Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
 }
 
-fn rss_bytes(pid: u32) -> Result<u64> {
+pub fn rss_bytes(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib =
         status.lines().find_map(|l| l.strip_prefix("VmRSS:")).context("VmRSS")?.trim().trim_end_matches(" kB").trim();
     Ok(kib.parse::<u64>()? * 1024)
 }
 
-fn ticks_per_second() -> f64 {
+pub fn ticks_per_second() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()
@@ -86,8 +143,8 @@ fn duration_us(text: &str) -> Option<f64> {
     Some(number.parse::<f64>().ok()? * factor)
 }
 
-/// (requests, requests/s, p50 µs, p99 µs) from `wrk --latency` output.
-fn parse_wrk(output: &str) -> Result<(u64, f64, f64, f64)> {
+/// A `wrk --latency` report.
+fn parse_wrk(output: &str) -> Result<LoadResult> {
     let percentile = |p: &str| {
         output
             .lines()
@@ -100,7 +157,64 @@ fn parse_wrk(output: &str) -> Result<(u64, f64, f64, f64)> {
         .context("wrk request count")?;
     let rps =
         output.lines().find_map(|l| l.strip_prefix("Requests/sec:")).context("wrk Requests/sec")?.trim().parse()?;
-    Ok((requests, rps, percentile("50%")?, percentile("99%")?))
+    let non_2xx: u64 = output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    // "Socket errors: connect 0, read 0, write 0, timeout 0"
+    let socket_errors: u64 = output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Socket errors:"))
+        .map(|rest| rest.split(',').filter_map(|part| part.split_whitespace().nth(1)?.parse::<u64>().ok()).sum())
+        .unwrap_or(0);
+    Ok(LoadResult {
+        requests,
+        failed: non_2xx + socket_errors,
+        requests_per_second: rps,
+        p50_us: percentile("50%")?,
+        p99_us: percentile("99%")?,
+    })
+}
+
+/// An `h2load` report plus its per-request log (start µs, status, duration µs).
+fn parse_h2load(output: &str, log: &str) -> Result<LoadResult> {
+    let field = |line_prefix: &str, label: &str| -> Result<u64> {
+        let line = output
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(line_prefix))
+            .with_context(|| format!("h2load output has no {line_prefix:?} line:\n{output}"))?;
+        line.split(',')
+            .find_map(|part| part.trim().strip_suffix(label).and_then(|n| n.trim().parse().ok()))
+            .with_context(|| format!("h2load {line_prefix} {label}"))
+    };
+    // Requests still in flight when the duration ends are started but not done: not failures.
+    let done = field("requests:", "done")?;
+    let ok = field("status codes:", "2xx")?;
+    let seconds: f64 = output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("finished in ")?.split_once("s,").map(|(s, _)| s.trim().parse().ok()))
+        .flatten()
+        .context("h2load duration")?;
+    let mut durations: Vec<f64> =
+        log.lines().filter_map(|l| l.split('\t').nth(2)?.trim().parse::<f64>().ok()).collect();
+    if durations.is_empty() {
+        bail!("h2load logged no request");
+    }
+    durations.sort_by(|a, b| a.total_cmp(b));
+    Ok(LoadResult {
+        requests: ok,
+        failed: done.saturating_sub(ok),
+        requests_per_second: ok as f64 / seconds.max(0.001),
+        p50_us: percentile(&durations, 0.50),
+        p99_us: percentile(&durations, 0.99),
+    })
+}
+
+/// The `q` quantile of sorted values (nearest rank).
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -108,19 +222,19 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-fn pinned(core: u32, program: &Path) -> Command {
+pub fn pinned(core: u32, program: &Path) -> Command {
     let mut command = Command::new("taskset");
     command.args(["-c", &core.to_string()]).arg(program);
     command
 }
 
-struct Bench {
-    dir: PathBuf,
-    processes: Vec<Process>,
+pub struct Bench {
+    pub dir: PathBuf,
+    pub processes: Vec<Process>,
 }
 
 impl Bench {
-    fn spawn(&mut self, name: &str, command: Command) -> Result<u32> {
+    pub fn spawn(&mut self, name: &str, command: Command) -> Result<u32> {
         let process = Process::spawn(name, command, &self.dir.join(format!("{name}.log")))?;
         let pid = process.pid().context("pid")?;
         self.processes.push(process);
@@ -196,11 +310,233 @@ fn wasm_filter(module: &Path, configuration: &str) -> String {
     )
 }
 
+/// Medians of the runs of one (size, load, variant).
+#[derive(Debug, Clone, Copy)]
+struct Medians {
+    cpu_us: f64,
+    p99_us: f64,
+}
+
+/// What every part needs: the processes, and where they listen.
+pub struct Setup {
+    pub dir: PathBuf,
+    pub bench: Bench,
+    pub certs: PathBuf,
+    pub release: PathBuf,
+    pub emulator_port: u16,
+    pub aggregator_port: u16,
+    pub aggregator_admin: u16,
+    pub aggregator_pid: u32,
+    /// Per variant: pid, admin port, one listener port per size.
+    pub under_test: BTreeMap<String, (u32, u16, Vec<u16>)>,
+}
+
 pub fn run(options: &Options) -> Result<()> {
+    for part in &options.parts {
+        if !PARTS.contains(&part.as_str()) {
+            bail!("unknown part {part:?}; one of {PARTS:?}");
+        }
+    }
+    for variant in &options.variants {
+        if !VARIANTS.contains(&variant.as_str()) {
+            bail!("unknown variant {variant:?}; one of {VARIANTS:?}");
+        }
+    }
+    for size in &options.sizes {
+        if !SIZES.iter().any(|(name, _)| name == size) {
+            bail!("unknown size {size:?}; one of 1KiB, 64KiB");
+        }
+    }
     let out = target_dir().join("bench");
     let dir = out.join(format!("run-{}", SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs()));
     std::fs::create_dir_all(&dir)?;
-    let mut bench = Bench { dir: dir.clone(), processes: Vec::new() };
+    let mut setup = start(&dir, options)?;
+    // This process generates open-loop load and ingest load: off the measured core.
+    crate::ingest::pin(std::process::id(), 1)?;
+
+    let mut runs = Vec::new();
+    let mut medians: BTreeMap<(String, Load, String), Medians> = BTreeMap::new();
+    let mut table = Vec::new();
+    if options.runs("proxy") {
+        proxy(&setup, options, &mut runs)?;
+        for (size, _) in SIZES {
+            for load in Load::ALL {
+                for variant in VARIANTS {
+                    let of: Vec<&Run> =
+                        runs.iter().filter(|r| r.size == size && r.load == load && r.variant == variant).collect();
+                    if of.is_empty() {
+                        continue;
+                    }
+                    let pick = |f: fn(&Run) -> f64| {
+                        let mut values: Vec<f64> = of.iter().map(|r| f(r)).collect();
+                        let (min, max) = (
+                            values.iter().copied().fold(f64::MAX, f64::min),
+                            values.iter().copied().fold(f64::MIN, f64::max),
+                        );
+                        (median(&mut values), min, max)
+                    };
+                    let (rps, cpu, p50, p99) = (
+                        pick(|r| r.requests_per_second),
+                        pick(|r| r.envoy_cpu_us_per_request),
+                        pick(|r| r.p50_us),
+                        pick(|r| r.p99_us),
+                    );
+                    let failed: u64 = of.iter().map(|r| r.failed).sum();
+                    medians
+                        .insert((size.to_owned(), load, variant.to_owned()), Medians { cpu_us: cpu.0, p99_us: p99.0 });
+                    table.push(json!({"size": size, "load": load, "variant": variant, "offered": of[0].offered,
+                        "requests_per_second": rps, "envoy_cpu_us_per_request": cpu, "p50_us": p50, "p99_us": p99,
+                        "failed": failed}));
+                }
+            }
+        }
+    }
+    let rss = json!({
+        "envoy_capture": setup.under_test.get("capture").and_then(|(pid, ..)| rss_bytes(*pid).ok()),
+        "envoy_noop": setup.under_test.get("noop").and_then(|(pid, ..)| rss_bytes(*pid).ok()),
+        "aggregator": rss_bytes(setup.aggregator_pid).ok(),
+    });
+
+    let overload = if options.runs("overload") { Some(crate::overload::run(&mut setup, options)?) } else { None };
+    let latency = if options.runs("latency") {
+        crate::ingest::wait_drained(setup.aggregator_admin)?;
+        let capture_port = setup.under_test.get("capture").context("the latency part needs the capture variant")?.2[0];
+        let latency = crate::ingest::capture_latency(
+            &setup.dir,
+            &setup.certs,
+            &setup.release,
+            setup.emulator_port,
+            capture_port,
+            &mut setup.bench.processes,
+        )
+        .with_context(|| pipeline_state(&setup))?;
+        eprintln!(
+            "bench: capture on disk after the response: p50 {:.3} s, p99 {:.3} s",
+            latency.p50_seconds, latency.p99_seconds
+        );
+        Some(latency)
+    } else {
+        None
+    };
+    let ingest = if options.runs("ingest") {
+        Some(crate::ingest::run(&setup.certs, setup.aggregator_port, setup.aggregator_pid, options.seconds.max(5))?)
+    } else {
+        None
+    };
+
+    let fixed = |variant: &str| medians.get(&("1KiB".to_owned(), Load::OpenHttp1, variant.to_owned())).copied();
+    let ratio = |a: Option<Medians>, b: Option<Medians>, f: fn(&Medians) -> f64| match (a, b) {
+        (Some(a), Some(b)) => Some(f(&a) / f(&b)),
+        _ => None,
+    };
+    let mut targets = vec![
+        json!({"target": "P1", "what": "Envoy CPU/request, capture / no-op Wasm (HTTP/1.1, 1 KiB, same offered load)",
+            "value": ratio(fixed("capture"), fixed("noop"), |m| m.cpu_us), "limit": 1.15}),
+        json!({"target": "P1", "what": "Envoy CPU/request, capture / native tap (HTTP/1.1, 1 KiB, same offered load)",
+            "value": ratio(fixed("capture"), fixed("tap"), |m| m.cpu_us), "limit": 0.5}),
+        json!({"target": "P2", "what": "p99 latency, capture / no-op Wasm (HTTP/1.1, 1 KiB, same offered load)",
+            "value": ratio(fixed("capture"), fixed("noop"), |m| m.p99_us), "limit": 1.10}),
+        json!({"target": "P3", "what": "aggregator frames/s per core (thousands)",
+            "value": ingest.as_ref().map(|i| i.frames_per_core_second / 1000.0), "limit": 200.0, "at_least": true}),
+        json!({"target": "P3", "what": "aggregator captured MB/s per core",
+            "value": ingest.as_ref().map(|i| i.megabytes_per_core_second), "limit": 250.0, "at_least": true}),
+    ];
+    match &overload {
+        Some(o) => targets.extend(o.targets()),
+        None => targets
+            .push(json!({"target": "P4", "what": "overload (stalled analysis service)", "value": null, "limit": null})),
+    }
+    targets.push(json!({"target": "P5", "what": "capture on disk after the response ends, p99 (s)",
+        "value": latency.as_ref().map(|l| l.p99_seconds), "limit": 1.0}));
+    let summary: Vec<serde_json::Value> = targets
+        .into_iter()
+        .map(|mut t| {
+            if t.get("pass").is_none() {
+                t["pass"] = match (t["value"].as_f64(), t["limit"].as_f64()) {
+                    (Some(value), Some(limit)) if t.get("at_least").is_some() => json!(value >= limit),
+                    (Some(value), Some(limit)) => json!(value <= limit),
+                    _ => serde_json::Value::Null,
+                };
+            }
+            t
+        })
+        .collect();
+
+    std::fs::write(
+        out.join("runs.json"),
+        serde_json::to_vec_pretty(&json!({
+            "runs": runs, "medians": table, "ingest": ingest, "capture_latency": latency, "overload": overload,
+            "rss_bytes_after_proxy_part": rss,
+        }))?,
+    )?;
+    std::fs::write(out.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
+
+    if !table.is_empty() {
+        println!(
+            "\n{:<7} {:<9} {:<8} {:>9} {:>10} {:>12} {:>9} {:>9} {:>7}",
+            "SIZE", "LOAD", "VARIANT", "OFFERED", "REQ/S", "CPU µs/REQ", "P50 µs", "P99 µs", "FAILED"
+        );
+        for row in &table {
+            let median = |key: &str| row[key][0].as_f64().unwrap_or(0.0);
+            println!(
+                "{:<7} {:<9} {:<8} {:>9} {:>10.0} {:>12.1} {:>9.0} {:>9.0} {:>7}",
+                row["size"].as_str().unwrap_or(""),
+                row["load"].as_str().unwrap_or(""),
+                row["variant"].as_str().unwrap_or(""),
+                row["offered"].as_f64().map_or("-".to_owned(), |o| format!("{o:.0}")),
+                median("requests_per_second"),
+                median("envoy_cpu_us_per_request"),
+                median("p50_us"),
+                median("p99_us"),
+                row["failed"]
+            );
+        }
+        println!(
+            "\n(medians of {} interleaved rounds of {} s; ranges in target/bench/runs.json)",
+            options.rounds, options.seconds
+        );
+    }
+    if let Some(overload) = &overload {
+        overload.print();
+    }
+    println!();
+    for t in &summary {
+        let value = t["value"].as_f64().map_or("-".to_owned(), |v| format!("{v:.3}"));
+        let limit = t["limit"]
+            .as_f64()
+            .map_or("-".to_owned(), |v| format!("{}{v}", if t.get("at_least").is_some() { ">= " } else { "<= " }));
+        let verdict = match t["pass"].as_bool() {
+            Some(true) => "PASS",
+            Some(false) => "FAIL",
+            None => "----",
+        };
+        println!(
+            "{verdict} {:<4} {:<80} {:>10} {:>10}",
+            t["target"].as_str().unwrap_or(""),
+            t["what"].as_str().unwrap_or(""),
+            value,
+            limit
+        );
+    }
+    println!("\nwritten: {}, {}", out.join("summary.json").display(), out.join("runs.json").display());
+    Ok(())
+}
+
+/// The filter's and the aggregator's counters, for errors that need them.
+pub fn pipeline_state(setup: &Setup) -> String {
+    let filter = setup
+        .under_test
+        .get("capture")
+        .and_then(|(_, admin, _)| admin_get(*admin, "/stats?filter=packet_inspector").ok())
+        .unwrap_or_default();
+    let aggregator = admin_get(setup.aggregator_admin, "/metrics").unwrap_or_default();
+    let aggregator: Vec<&str> = aggregator.lines().filter(|l| !l.starts_with('#')).collect();
+    format!("capture filter stats:\n{filter}\naggregator metrics:\n{}", aggregator.join("\n"))
+}
+
+/// Starts the emulator (discarding), the aggregator, the upstream and the Envoys under test.
+fn start(dir: &Path, options: &Options) -> Result<Setup> {
+    let mut bench = Bench { dir: dir.to_owned(), processes: Vec::new() };
     let release = target_dir().join("release");
     let capture_module = tools::wasm()?;
     let noop_module = target_dir().join("noop/wasm32-wasip1/release/packet_inspector_filter.wasm");
@@ -212,16 +548,7 @@ pub fn run(options: &Options) -> Result<()> {
     let ca = Ca::new("bench mesh CA")?;
     let certs = ca.issue(&dir.join("certs"), &["localhost"])?;
     let (emulator_port, aggregator_port, aggregator_admin) = (free_port()?, free_port()?, free_port()?);
-    let mut emulator = pinned(1, &release.join("packet-inspector-analysis-emulator"));
-    emulator
-        .args(["--listen", &format!("127.0.0.1:{emulator_port}"), "--discard"])
-        .arg("--tls-cert")
-        .arg(certs.join("cert-chain.pem"))
-        .arg("--tls-key")
-        .arg(certs.join("key.pem"))
-        .arg("--output-dir")
-        .arg(&dir);
-    bench.spawn("emulator", emulator)?;
+    spawn_emulator(&mut bench, &release, &certs, emulator_port)?;
     let mut aggregator = pinned(1, &release.join("packet-inspector-aggregator"));
     aggregator
         .args([
@@ -269,8 +596,12 @@ pub fn run(options: &Options) -> Result<()> {
     // The Envoys under test, all on core 0 (one is loaded at a time).
     let tap_dir = dir.join("tap");
     std::fs::create_dir_all(&tap_dir)?;
-    let mut under_test: BTreeMap<&str, (u32, Vec<u16>)> = BTreeMap::new();
-    for variant in VARIANTS {
+    let mut under_test = BTreeMap::new();
+    let mut wanted: Vec<&str> = VARIANTS.iter().copied().filter(|v| options.variants.iter().any(|w| w == v)).collect();
+    if options.parts.iter().any(|p| p != "proxy" && p != "ingest") && !wanted.contains(&"capture") {
+        wanted.push("capture");
+    }
+    for variant in wanted {
         let filters = match variant {
             "none" => String::new(),
             "noop" => wasm_filter(&noop_module, "{}"),
@@ -335,178 +666,143 @@ pub fn run(options: &Options) -> Result<()> {
                 admin_get(admin, "/stats?filter=streams_ready").ok().filter(|s| s.contains("streams_ready: 2"))
             })?;
         }
-        under_test.insert(variant, (pid, ports));
+        under_test.insert(variant.to_owned(), (pid, admin, ports));
     }
-
-    let wrk = which("wrk")?;
-    let tick_us = 1_000_000.0 / ticks_per_second();
-    let load = |port: u16, seconds: u64| -> Result<(u64, f64, f64, f64)> {
-        let output = pinned(1, &wrk)
-            .args(["-t1", &format!("-c{}", options.connections), &format!("-d{seconds}s"), "--latency"])
-            .arg(format!("http://127.0.0.1:{port}/"))
-            .output()?;
-        if !output.status.success() {
-            bail!("wrk failed: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        parse_wrk(&String::from_utf8_lossy(&output.stdout))
-    };
-    eprintln!("bench: warming up");
-    for (_, ports) in under_test.values() {
-        for port in ports {
-            load(*port, 1)?;
-        }
-    }
-    let mut runs = Vec::new();
-    for (index, (size, _)) in SIZES.iter().enumerate() {
-        for round in 0..options.rounds {
-            for variant in VARIANTS {
-                let (pid, ports) = &under_test[variant];
-                let before = cpu_ticks(*pid)?;
-                let (requests, rps, p50, p99) = load(ports[index], options.seconds)?;
-                let cpu_us = (cpu_ticks(*pid)? - before) as f64 * tick_us;
-                let run = Run {
-                    size: size.to_string(),
-                    variant: variant.to_string(),
-                    round,
-                    requests,
-                    requests_per_second: rps,
-                    p50_us: p50,
-                    p99_us: p99,
-                    envoy_cpu_us_per_request: cpu_us / requests.max(1) as f64,
-                };
-                eprintln!("bench: {size} round {round} {variant:8} {rps:>10.0} req/s  p50 {p50:>8.0} µs  p99 {p99:>8.0} µs  {:>6.1} µs CPU/req", run.envoy_cpu_us_per_request);
-                runs.push(run);
-            }
-        }
-    }
-    let capture_rss = rss_bytes(under_test["capture"].0)?;
-    let noop_rss = rss_bytes(under_test["noop"].0)?;
-    let aggregator_rss = rss_bytes(aggregator_pid)?;
-    let dropped = admin_get(under_test_admin(&dir, "capture")?, "/stats?filter=captures_dropped").unwrap_or_default();
-
-    // Summaries: median and range per (size, variant).
-    let mut table = Vec::new();
-    let mut medians: BTreeMap<(String, String), (f64, f64, f64, f64)> = BTreeMap::new();
-    for (size, _) in SIZES {
-        for variant in VARIANTS {
-            let of: Vec<&Run> = runs.iter().filter(|r| r.size == size && r.variant == variant).collect();
-            let pick = |f: fn(&Run) -> f64| {
-                let mut values: Vec<f64> = of.iter().map(|r| f(r)).collect();
-                let (min, max) =
-                    (values.iter().cloned().fold(f64::MAX, f64::min), values.iter().cloned().fold(f64::MIN, f64::max));
-                (median(&mut values), min, max)
-            };
-            let (rps, cpu, p50, p99) = (
-                pick(|r| r.requests_per_second),
-                pick(|r| r.envoy_cpu_us_per_request),
-                pick(|r| r.p50_us),
-                pick(|r| r.p99_us),
-            );
-            medians.insert((size.to_string(), variant.to_string()), (rps.0, cpu.0, p50.0, p99.0));
-            table.push(json!({"size": size, "variant": variant, "requests_per_second": rps, "envoy_cpu_us_per_request": cpu, "p50_us": p50, "p99_us": p99}));
-        }
-    }
-
-    // Ingest and capture latency.
-    // Capture latency (with the aggregator drained, and before ingest, whose backlog would
-    // queue ahead of it), then ingest.
-    crate::ingest::wait_drained(aggregator_admin)?;
-    let capture_port = under_test["capture"].1[0];
-    let latency =
-        crate::ingest::capture_latency(&dir, &certs, &release, emulator_port, capture_port, &mut bench.processes)
-            .with_context(|| {
-                let filter =
-                    admin_get(under_test_admin(&dir, "capture").unwrap_or(0), "/stats?filter=packet_inspector")
-                        .unwrap_or_default();
-                let aggregator = admin_get(aggregator_admin, "/metrics").unwrap_or_default();
-                let aggregator: Vec<&str> = aggregator.lines().filter(|l| !l.starts_with('#')).collect();
-                format!("capture filter stats:\n{filter}\naggregator metrics:\n{}", aggregator.join("\n"))
-            })?;
-    eprintln!(
-        "bench: capture on disk after the response: p50 {:.3} s, p99 {:.3} s",
-        latency.p50_seconds, latency.p99_seconds
-    );
-    let ingest = crate::ingest::run(&certs, aggregator_port, aggregator_pid, options.seconds.max(5))?;
-
-    let m = |variant: &str, i: usize| {
-        let v = medians[&("1KiB".to_string(), variant.to_string())];
-        [v.0, v.1, v.2, v.3][i]
-    };
-    let targets = vec![
-        json!({"target": "P1", "what": "Envoy CPU/request, capture / no-op Wasm (1 KiB)", "value": m("capture", 1) / m("noop", 1), "limit": 1.15}),
-        json!({"target": "P1", "what": "Envoy CPU/request, capture / native tap (1 KiB)", "value": m("capture", 1) / m("tap", 1), "limit": 0.5}),
-        json!({"target": "P2", "what": "p99 latency, capture / no-op Wasm (1 KiB, same wrk load, closed loop)", "value": m("capture", 3) / m("noop", 3), "limit": 1.10}),
-        json!({"target": "P3", "what": "aggregator frames/s per core (thousands)", "value": ingest.frames_per_core_second / 1000.0, "limit": 200.0, "at_least": true}),
-        json!({"target": "P3", "what": "aggregator captured MB/s per core", "value": ingest.megabytes_per_core_second, "limit": 250.0, "at_least": true}),
-        json!({"target": "P4", "what": "overload (stalled analysis service)", "value": null, "limit": null, "pass": false, "note": "not measured yet"}),
-        json!({"target": "P5", "what": "capture on disk after the response ends, p99 (s)", "value": latency.p99_seconds, "limit": 1.0}),
-    ];
-    let summary: Vec<serde_json::Value> = targets
-        .into_iter()
-        .map(|mut t| {
-            if t.get("pass").is_none() {
-                let (value, limit) = (t["value"].as_f64().unwrap_or(f64::NAN), t["limit"].as_f64().unwrap_or(f64::NAN));
-                let pass = if t.get("at_least").is_some() { value >= limit } else { value <= limit };
-                t["pass"] = json!(pass);
-            }
-            t
-        })
-        .collect();
-
-    std::fs::write(
-        out.join("runs.json"),
-        serde_json::to_vec_pretty(&json!({
-            "runs": runs, "medians": table, "ingest": ingest, "capture_latency": latency,
-            "rss_bytes": {"envoy_capture": capture_rss, "envoy_noop": noop_rss, "aggregator": aggregator_rss},
-            "capture_drops": dropped.trim(),
-        }))?,
-    )?;
-    std::fs::write(out.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
-
-    println!("\n{:<7} {:<8} {:>12} {:>14} {:>10} {:>10}", "SIZE", "VARIANT", "REQ/S", "CPU µs/REQ", "P50 µs", "P99 µs");
-    for row in &table {
-        let median = |key: &str| row[key][0].as_f64().unwrap_or(0.0);
-        println!(
-            "{:<7} {:<8} {:>12.0} {:>14.1} {:>10.0} {:>10.0}",
-            row["size"].as_str().unwrap_or(""),
-            row["variant"].as_str().unwrap_or(""),
-            median("requests_per_second"),
-            median("envoy_cpu_us_per_request"),
-            median("p50_us"),
-            median("p99_us")
-        );
-    }
-    println!(
-        "\n(medians of {} interleaved rounds of {} s; ranges in target/bench/runs.json)\n",
-        options.rounds, options.seconds
-    );
-    for t in &summary {
-        let value = t["value"].as_f64().map_or("-".to_owned(), |v| format!("{v:.3}"));
-        let limit = t["limit"]
-            .as_f64()
-            .map_or("-".to_owned(), |v| format!("{}{v}", if t.get("at_least").is_some() { ">= " } else { "<= " }));
-        println!(
-            "{} {:<4} {:<75} {:>10} {:>10}",
-            if t["pass"] == json!(true) { "PASS" } else { "FAIL" },
-            t["target"].as_str().unwrap_or(""),
-            t["what"].as_str().unwrap_or(""),
-            value,
-            limit
-        );
-    }
-    println!("\nwritten: {}, {}", out.join("summary.json").display(), out.join("runs.json").display());
-    drop(bench);
-    Ok(())
+    Ok(Setup {
+        dir: dir.to_owned(),
+        bench,
+        certs,
+        release,
+        emulator_port,
+        aggregator_port,
+        aggregator_admin,
+        aggregator_pid,
+        under_test,
+    })
 }
 
-/// The admin port of an Envoy under test, from its config file.
-fn under_test_admin(dir: &Path, variant: &str) -> Result<u16> {
-    let config = std::fs::read_to_string(dir.join(format!("envoy-{variant}.yaml")))?;
-    let after = config
-        .split("admin: { address: { socket_address: { address: 127.0.0.1, port_value: ")
-        .nth(1)
-        .context("admin port")?;
-    Ok(after.split(' ').next().context("admin port")?.parse()?)
+/// The analysis emulator, discarding what it receives, on core 1.
+pub fn spawn_emulator(bench: &mut Bench, release: &Path, certs: &Path, port: u16) -> Result<u32> {
+    let mut emulator = pinned(1, &release.join("packet-inspector-analysis-emulator"));
+    emulator
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--discard"])
+        .arg("--tls-cert")
+        .arg(certs.join("cert-chain.pem"))
+        .arg("--tls-key")
+        .arg(certs.join("key.pem"))
+        .arg("--output-dir")
+        .arg(&bench.dir);
+    let pid = bench.spawn("emulator", emulator)?;
+    wait_for("the emulator", Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).ok())?;
+    Ok(pid)
+}
+
+/// Runs `wrk` (closed loop) on core 1.
+pub fn wrk(port: u16, connections: u32, seconds: u64) -> Result<LoadResult> {
+    let output = pinned(1, &which("wrk")?)
+        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()?;
+    if !output.status.success() {
+        bail!("wrk failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    parse_wrk(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// Runs `h2load` (HTTP/2 over cleartext) on core 1 at `rate` requests/s in total over
+/// `connections` connections.
+fn h2load(dir: &Path, port: u16, connections: u32, rate: f64, seconds: u64) -> Result<LoadResult> {
+    let log = dir.join("h2load.log");
+    let mut command = pinned(1, &which("h2load")?);
+    command
+        .args(["-c", &connections.to_string(), "-m", "1", "-t", "1", "-D", &seconds.to_string()])
+        .arg(format!("--rps={:.3}", rate / f64::from(connections)))
+        .arg(format!("--log-file={}", log.display()))
+        .arg(format!("http://127.0.0.1:{port}/"));
+    let output = command.output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!("h2load failed: {}{stdout}", String::from_utf8_lossy(&output.stderr));
+    }
+    let result = parse_h2load(&stdout, &std::fs::read_to_string(&log).unwrap_or_default());
+    let _ = std::fs::remove_file(&log);
+    result
+}
+
+/// The proxy part: closed loop to find each variant's capacity, then the same fixed rate for
+/// every variant over HTTP/1.1 and HTTP/2.
+fn proxy(setup: &Setup, options: &Options, runs: &mut Vec<Run>) -> Result<()> {
+    let tick_us = 1_000_000.0 / ticks_per_second();
+    let variants: Vec<&str> = VARIANTS.iter().copied().filter(|v| options.variants.iter().any(|w| w == v)).collect();
+    let sizes: Vec<(usize, &str)> = SIZES
+        .iter()
+        .enumerate()
+        .filter(|(_, (s, _))| options.sizes.iter().any(|w| w == s))
+        .map(|(i, (s, _))| (i, *s))
+        .collect();
+    eprintln!("bench: warming up");
+    for variant in &variants {
+        for (index, _) in &sizes {
+            wrk(setup.under_test[*variant].2[*index], options.connections, 1)?;
+        }
+    }
+    for (index, size) in sizes {
+        let mut rate = None;
+        for load in Load::ALL {
+            if load != Load::Closed && rate.is_none() {
+                // Half the slowest variant's capacity: every variant keeps up, none idles.
+                let slowest = runs
+                    .iter()
+                    .filter(|r| r.size == size && r.load == Load::Closed)
+                    .map(|r| r.requests_per_second)
+                    .fold(f64::MAX, f64::min);
+                rate = Some((slowest / 2.0).floor().max(1.0));
+            }
+            for round in 0..options.rounds {
+                for variant in &variants {
+                    let (pid, _, ports) = &setup.under_test[*variant];
+                    let before = cpu_ticks(*pid)?;
+                    let result = match load {
+                        Load::Closed => wrk(ports[index], options.connections, options.seconds)?,
+                        Load::OpenHttp1 => crate::openloop::run(
+                            ports[index],
+                            options.connections,
+                            rate.unwrap_or(1.0),
+                            options.seconds,
+                        )?,
+                        Load::FixedHttp2 => {
+                            h2load(&setup.dir, ports[index], options.connections, rate.unwrap_or(1.0), options.seconds)?
+                        }
+                    };
+                    let cpu_us = (cpu_ticks(*pid)? - before) as f64 * tick_us;
+                    let run = Run {
+                        size: size.to_owned(),
+                        load,
+                        variant: (*variant).to_owned(),
+                        round,
+                        offered: if load == Load::Closed { None } else { rate },
+                        requests: result.requests,
+                        failed: result.failed,
+                        requests_per_second: result.requests_per_second,
+                        p50_us: result.p50_us,
+                        p99_us: result.p99_us,
+                        envoy_cpu_us_per_request: cpu_us / result.requests.max(1) as f64,
+                    };
+                    eprintln!(
+                        "bench: {size:5} {:8} round {round} {variant:8} {:>8.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  {:>6.1} µs CPU/req  {} failed",
+                        load.name(),
+                        run.requests_per_second,
+                        run.p50_us,
+                        run.p99_us,
+                        run.envoy_cpu_us_per_request,
+                        run.failed
+                    );
+                    runs.push(run);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn which(program: &str) -> Result<PathBuf> {

@@ -90,7 +90,7 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((fields[11].parse::<u64>()? + fields[12].parse::<u64>()?) as f64 / 100.0)
 }
 
-fn pin(pid: u32, core: u32) -> Result<()> {
+pub fn pin(pid: u32, core: u32) -> Result<()> {
     let status = Command::new("taskset").args(["-a", "-p", "-c", &core.to_string(), &pid.to_string()]).output()?.status;
     if !status.success() {
         bail!("cannot pin {pid} to core {core}");

@@ -12,6 +12,8 @@ mod bench;
 mod demo;
 mod ingest;
 mod install;
+mod openloop;
+mod overload;
 
 use std::process::Command;
 
@@ -47,9 +49,21 @@ enum Task {
         /// Seconds per load run.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
-        /// wrk connections.
+        /// Client connections (wrk and h2load).
         #[arg(long, default_value_t = 50)]
         connections: u32,
+        /// Parts to run: proxy, overload, latency, ingest.
+        #[arg(long, value_delimiter = ',', default_value = "proxy,overload,latency,ingest")]
+        parts: Vec<String>,
+        /// Proxy variants to load: none, noop, capture, tap.
+        #[arg(long, value_delimiter = ',', default_value = "none,noop,capture,tap")]
+        variants: Vec<String>,
+        /// Response body sizes: 1KiB, 64KiB.
+        #[arg(long, value_delimiter = ',', default_value = "1KiB,64KiB")]
+        sizes: Vec<String>,
+        /// How long the overload part stops the analysis service.
+        #[arg(long, default_value_t = 60)]
+        stall_seconds: u64,
     },
     /// Fuzz one of the filter's parsers (`diameter_framer`, `pairs`) with cargo fuzz; installs
     /// a nightly toolchain and cargo-fuzz when missing. Not part of `test`.
@@ -139,9 +153,10 @@ fn main() -> Result<()> {
             charts.current_dir(workspace_root()).args(["-m", "pytest", "tests/charts", "-q", "-p", "no:cacheprovider"]);
             run(charts)
         }
-        Task::Bench { rounds, seconds, connections } => {
+        Task::Bench { rounds, seconds, connections, parts, variants, sizes, stall_seconds } => {
             install::all()?;
             install::debian_package("wrk", "wrk")?;
+            install::debian_package("h2load", "nghttp2-client")?;
             build()?;
             let mut release = cargo();
             release.args([
@@ -168,7 +183,7 @@ fn main() -> Result<()> {
             ])
             .arg(packet_inspector_tests::target_dir().join("noop"));
             run(noop)?;
-            bench::run(&bench::Options { rounds, seconds, connections })
+            bench::run(&bench::Options { rounds, seconds, connections, parts, variants, sizes, stall_seconds })
         }
         Task::Fuzz { target, seconds } => {
             install::fuzzing()?;
