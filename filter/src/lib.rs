@@ -10,15 +10,18 @@
 //! and counted in Envoy's stats.
 //!
 //! Everything but [`plugin`] and [`host`] is host-free and tested natively:
-//! [`config`], [`diameter`], [`pairs`], [`metadata`], [`outbox`], [`pipeline`], [`transaction`].
+//! [`config`], [`connections`], [`diameter`], [`pairs`], [`metadata`], [`outbox`], [`pipeline`],
+//! [`transaction`], [`wire`].
 
 pub mod config;
+pub mod connections;
 pub mod diameter;
 pub mod metadata;
 pub mod outbox;
 pub mod pairs;
 pub mod pipeline;
 pub mod transaction;
+pub mod wire;
 
 #[cfg(all(target_arch = "wasm32", not(feature = "noop")))]
 mod host;

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use packet_inspector_proto::capture::{Header, Protocol, Role, SocketAddress};
+use packet_inspector_proto::capture::{Protocol, Role, SocketAddress};
 
 use crate::{config::RoleSetting, pairs::Pair};
 
@@ -59,7 +59,7 @@ pub fn socket_address(value: Option<&[u8]>) -> Option<SocketAddress> {
 }
 
 /// The protocol from `request.protocol` and the request's `content-type`.
-pub fn protocol(request_protocol: Option<&[u8]>, headers: &[Header]) -> Protocol {
+pub fn protocol(request_protocol: Option<&[u8]>, headers: &[Pair<'_>]) -> Protocol {
     let grpc = header_value(headers, b"content-type").is_some_and(|ct| ct.starts_with(b"application/grpc"));
     match request_protocol {
         Some(b"HTTP/1.0" | b"HTTP/1.1") => Protocol::Http1,
@@ -70,8 +70,8 @@ pub fn protocol(request_protocol: Option<&[u8]>, headers: &[Header]) -> Protocol
 }
 
 /// The first value of a header (names are lower-case in Envoy's maps).
-pub fn header_value<'a>(headers: &'a [Header], name: &[u8]) -> Option<&'a [u8]> {
-    headers.iter().find(|header| header.name == name).map(|header| header.value.as_slice())
+pub fn header_value<'a>(headers: &[Pair<'a>], name: &[u8]) -> Option<&'a [u8]> {
+    headers.iter().find(|(key, _)| *key == name).map(|(_, value)| *value)
 }
 
 #[cfg(test)]
@@ -104,7 +104,7 @@ mod tests {
 
     #[test]
     fn protocol_detection() {
-        let grpc = vec![Header { name: b"content-type".to_vec(), value: b"application/grpc+proto".to_vec() }];
+        let grpc: Vec<Pair<'_>> = vec![(b"content-type", b"application/grpc+proto")];
         assert_eq!(protocol(Some(b"HTTP/1.1"), &[]), Protocol::Http1);
         assert_eq!(protocol(Some(b"HTTP/2"), &[]), Protocol::Http2);
         assert_eq!(protocol(Some(b"HTTP/2"), &grpc), Protocol::Grpc);

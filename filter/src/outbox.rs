@@ -1,17 +1,23 @@
-//! Frames waiting to be sent, cut into batches, with the aggregator's acks as flow control.
+//! Frames waiting to be sent, encoded and cut into batches, with the aggregator's acks as flow
+//! control.
 //!
 //! Envoy never pushes back on a gRPC stream (it buffers without limit), so the bound is here:
 //! at most `max_buffer_bytes` of frames wait, at most `max_batches_in_flight` batches are
 //! unacknowledged, and each batch is at most `max_batch_bytes`. Pushing into a full outbox fails
 //! and the caller drops the capture; nothing here grows without bound.
+//!
+//! Frames are encoded as they are pushed, into the batch that will carry them (see
+//! [`crate::wire`]): a batch is sent as it was filled, with its sequence number appended.
 
 use std::collections::VecDeque;
 
-use packet_inspector_proto::capture::{Frame, FrameBatch};
-use prost::Message;
+use crate::wire::{encode_batch_trailer, FrameRef};
 
 /// Bytes beyond the buffer bound that end frames may use (see [`Outbox::push_end`]).
 pub const END_RESERVE: usize = 64 * 1024;
+
+/// Room left after the frames of a batch for its sequence and drop count (two varint fields).
+const TRAILER_BYTES: usize = 2 * 11;
 
 /// The outbox is full; the frame was not taken.
 #[derive(Debug, PartialEq, Eq)]
@@ -19,7 +25,9 @@ pub struct Full;
 
 #[derive(Debug)]
 pub struct Outbox {
-    frames: VecDeque<(Frame, usize)>,
+    /// Encoded `FrameBatch.frames` entries, one buffer per batch; only the last one is still
+    /// being filled.
+    batches: VecDeque<Vec<u8>>,
     buffered_bytes: usize,
     in_flight: VecDeque<u64>,
     next_sequence: u64,
@@ -28,16 +36,10 @@ pub struct Outbox {
     max_in_flight: usize,
 }
 
-/// Bytes a frame adds to an encoded `FrameBatch` (field tag, length prefix, body).
-pub fn framed_len(frame: &Frame) -> usize {
-    let len = frame.encoded_len();
-    1 + prost::length_delimiter_len(len) + len
-}
-
 impl Outbox {
     pub fn new(max_buffer_bytes: usize, max_batch_bytes: usize, max_in_flight: usize) -> Self {
         Self {
-            frames: VecDeque::new(),
+            batches: VecDeque::new(),
             buffered_bytes: 0,
             in_flight: VecDeque::new(),
             next_sequence: 1,
@@ -51,7 +53,7 @@ impl Outbox {
     ///
     /// # Errors
     /// [`Full`] when the frame would take the buffer past its byte bound.
-    pub fn push(&mut self, frame: Frame) -> Result<(), Full> {
+    pub fn push(&mut self, frame: &FrameRef<'_>) -> Result<(), Full> {
         self.push_within(frame, self.max_buffer_bytes)
     }
 
@@ -62,17 +64,25 @@ impl Outbox {
     ///
     /// # Errors
     /// [`Full`] when even the reserve is used up.
-    pub fn push_end(&mut self, frame: Frame) -> Result<(), Full> {
+    pub fn push_end(&mut self, frame: &FrameRef<'_>) -> Result<(), Full> {
         self.push_within(frame, self.max_buffer_bytes + END_RESERVE)
     }
 
-    fn push_within(&mut self, frame: Frame, bound: usize) -> Result<(), Full> {
-        let len = framed_len(&frame);
+    fn push_within(&mut self, frame: &FrameRef<'_>, bound: usize) -> Result<(), Full> {
+        let len = frame.framed_len();
         if self.buffered_bytes + len > bound {
             return Err(Full);
         }
-        self.buffered_bytes += len;
-        self.frames.push_back((frame, len));
+        let fits = self.batches.back().is_some_and(|batch| batch.len() + len <= self.max_batch_bytes);
+        if !fits {
+            // A single frame larger than a batch still goes, alone (frames are bounded by the
+            // body limit).
+            self.batches.push_back(Vec::with_capacity(self.max_batch_bytes.max(len) + TRAILER_BYTES));
+        }
+        if let Some(batch) = self.batches.back_mut() {
+            frame.encode(batch);
+            self.buffered_bytes += len;
+        }
         Ok(())
     }
 
@@ -82,30 +92,21 @@ impl Outbox {
 
     /// Whether a full-size batch is waiting (worth sending before the next tick).
     pub fn has_full_batch(&self) -> bool {
-        self.buffered_bytes >= self.max_batch_bytes
+        self.batches.len() > 1 || self.batches.front().is_some_and(|batch| batch.len() >= self.max_batch_bytes)
     }
 
-    /// Cuts the next batch if frames wait and the in-flight window has room. A single frame
-    /// larger than `max_batch_bytes` still goes alone (frames are bounded by the body limit).
-    pub fn next_batch(&mut self, captures_dropped: u64) -> Option<FrameBatch> {
-        if self.frames.is_empty() || self.in_flight.len() >= self.max_in_flight {
+    /// Takes the next batch, encoded, if frames wait and the in-flight window has room.
+    pub fn next_batch(&mut self, captures_dropped: u64) -> Option<(u64, Vec<u8>)> {
+        if self.in_flight.len() >= self.max_in_flight {
             return None;
         }
-        let mut batch_bytes = 0;
-        let mut frames = Vec::new();
-        while let Some((_, len)) = self.frames.front() {
-            if !frames.is_empty() && batch_bytes + len > self.max_batch_bytes {
-                break;
-            }
-            let Some((frame, len)) = self.frames.pop_front() else { break };
-            batch_bytes += len;
-            self.buffered_bytes -= len;
-            frames.push(frame);
-        }
+        let mut batch = self.batches.pop_front()?;
+        self.buffered_bytes -= batch.len();
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         self.in_flight.push_back(sequence);
-        Some(FrameBatch { sequence, frames, captures_dropped })
+        encode_batch_trailer(sequence, captures_dropped, &mut batch);
+        Some((sequence, batch))
     }
 
     /// Records the aggregator's ack; acks cover every batch up to `sequence` (the stream is
@@ -135,95 +136,116 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use packet_inspector_proto::capture::{frame::Kind, BodyChunk};
+    use packet_inspector_proto::capture::{frame::Kind, BodyChunk, Frame, FrameBatch};
+    use prost::Message;
 
-    fn frame(id: u64, body: usize) -> Frame {
-        Frame {
+    fn frame(id: u64, body: usize) -> FrameRef<'static> {
+        FrameRef::Message(Frame {
             transaction_id: id,
             timestamp_ns: 1,
             kind: Some(Kind::Body(BodyChunk { data: vec![7; body], ..Default::default() })),
-        }
+        })
+    }
+
+    fn end(id: u64) -> FrameRef<'static> {
+        FrameRef::Message(Frame { transaction_id: id, timestamp_ns: 1, kind: Some(Kind::End(Default::default())) })
+    }
+
+    fn decode(batch: &[u8]) -> FrameBatch {
+        FrameBatch::decode(batch).unwrap()
     }
 
     #[test]
-    fn batches_respect_the_byte_cap_and_encode_to_their_accounted_size() {
+    fn batches_respect_the_byte_cap_and_carry_every_frame_in_order() {
         let mut outbox = Outbox::new(1 << 20, 1000, 8);
         for id in 0..10 {
-            outbox.push(frame(id, 300)).unwrap();
+            outbox.push(&frame(id, 300)).unwrap();
         }
-        let mut total = 0;
-        while let Some(batch) = outbox.next_batch(0) {
-            let accounted: usize = batch.frames.iter().map(framed_len).sum();
-            assert!(accounted <= 1000, "batch of {accounted} bytes");
-            // `sequence` and `captures_dropped` are the only bytes beyond the frames.
-            assert!(batch.encoded_len() <= accounted + 2 * 11);
-            total += batch.frames.len();
+        let mut ids = Vec::new();
+        while let Some((sequence, bytes)) = outbox.next_batch(0) {
+            assert!(bytes.len() <= 1000 + TRAILER_BYTES, "batch of {} bytes", bytes.len());
+            let batch = decode(&bytes);
+            assert_eq!(batch.sequence, sequence);
+            ids.extend(batch.frames.iter().map(|f| f.transaction_id));
         }
-        assert_eq!(total, 10);
+        assert_eq!(ids, (0..10).collect::<Vec<_>>());
         assert_eq!(outbox.buffered_bytes(), 0);
     }
 
     #[test]
     fn full_buffer_refuses_and_recovers_after_sending() {
-        let one = framed_len(&frame(1, 100));
+        let one = frame(1, 100).framed_len();
         let mut outbox = Outbox::new(one * 3, one * 3, 1);
         for id in 1..=3 {
-            outbox.push(frame(id, 100)).unwrap();
+            outbox.push(&frame(id, 100)).unwrap();
         }
-        assert_eq!(outbox.push(frame(4, 100)), Err(Full));
+        assert_eq!(outbox.push(&frame(4, 100)), Err(Full));
         assert!(outbox.next_batch(0).is_some());
-        outbox.push(frame(5, 100)).unwrap();
+        outbox.push(&frame(5, 100)).unwrap();
     }
 
     #[test]
     fn end_frames_use_a_bounded_reserve() {
-        let one = framed_len(&frame(1, 100));
+        let one = frame(1, 100).framed_len();
         let mut outbox = Outbox::new(one, one, 1);
-        outbox.push(frame(1, 100)).unwrap();
-        assert_eq!(outbox.push(frame(2, 1)), Err(Full));
-        let end = Frame { transaction_id: 3, timestamp_ns: 1, kind: Some(Kind::End(Default::default())) };
-        outbox.push_end(end.clone()).unwrap();
+        outbox.push(&frame(1, 100)).unwrap();
+        assert_eq!(outbox.push(&frame(2, 1)), Err(Full));
+        outbox.push_end(&end(3)).unwrap();
         let mut taken = 1;
-        while outbox.push_end(end.clone()).is_ok() {
+        while outbox.push_end(&end(3)).is_ok() {
             taken += 1;
         }
-        assert!(taken * framed_len(&end) <= END_RESERVE && (taken + 1) * framed_len(&end) > END_RESERVE);
+        let end_len = end(3).framed_len();
+        assert!(taken * end_len <= END_RESERVE && (taken + 1) * end_len > END_RESERVE);
     }
 
     #[test]
     fn in_flight_window_gates_batches_until_acked() {
         let mut outbox = Outbox::new(1 << 20, 10, 2);
         for id in 0..5 {
-            outbox.push(frame(id, 20)).unwrap();
+            outbox.push(&frame(id, 20)).unwrap();
         }
         let first = outbox.next_batch(0).unwrap();
         let second = outbox.next_batch(0).unwrap();
-        assert_eq!((first.sequence, second.sequence), (1, 2));
+        assert_eq!((first.0, second.0), (1, 2));
         assert!(outbox.next_batch(0).is_none(), "window of 2 is full");
         assert_eq!(outbox.ack(1), 1);
-        assert_eq!(outbox.next_batch(0).unwrap().sequence, 3);
+        assert_eq!(outbox.next_batch(0).unwrap().0, 3);
         assert_eq!(outbox.ack(3), 2, "a cumulative ack releases every earlier batch");
     }
 
     #[test]
     fn oversized_single_frame_still_goes_alone() {
         let mut outbox = Outbox::new(1 << 20, 100, 2);
-        outbox.push(frame(1, 500)).unwrap();
-        outbox.push(frame(2, 1)).unwrap();
-        assert_eq!(outbox.next_batch(0).unwrap().frames.len(), 1);
-        assert_eq!(outbox.next_batch(0).unwrap().frames.len(), 1);
+        outbox.push(&frame(1, 500)).unwrap();
+        outbox.push(&frame(2, 1)).unwrap();
+        assert!(outbox.has_full_batch());
+        assert_eq!(decode(&outbox.next_batch(0).unwrap().1).frames.len(), 1);
+        assert_eq!(decode(&outbox.next_batch(0).unwrap().1).frames.len(), 1);
+    }
+
+    #[test]
+    fn a_partial_batch_is_not_full_until_the_next_frame_overflows_it() {
+        let mut outbox = Outbox::new(1 << 20, 1000, 2);
+        outbox.push(&frame(1, 300)).unwrap();
+        assert!(!outbox.has_full_batch());
+        outbox.push(&frame(2, 300)).unwrap();
+        outbox.push(&frame(3, 300)).unwrap();
+        assert!(!outbox.has_full_batch());
+        outbox.push(&frame(4, 300)).unwrap();
+        assert!(outbox.has_full_batch());
     }
 
     #[test]
     fn stream_loss_forgets_in_flight_and_restarts_sequences() {
         let mut outbox = Outbox::new(1 << 20, 10, 4);
         for id in 0..3 {
-            outbox.push(frame(id, 20)).unwrap();
+            outbox.push(&frame(id, 20)).unwrap();
         }
         outbox.next_batch(0).unwrap();
         outbox.next_batch(0).unwrap();
         assert_eq!(outbox.stream_lost(), 2);
-        let batch = outbox.next_batch(5).unwrap();
+        let batch = decode(&outbox.next_batch(5).unwrap().1);
         assert_eq!((batch.sequence, batch.captures_dropped, batch.frames[0].transaction_id), (1, 5, 2));
     }
 }

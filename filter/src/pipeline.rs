@@ -10,10 +10,10 @@
 //! reaches the aggregator in two parts: it delivers the first part flagged `aborted` and counts
 //! the rest as orphan frames (`frames_rejected_total`).
 
-use packet_inspector_proto::capture::{frame::Kind, BatchAck, Frame};
+use packet_inspector_proto::capture::BatchAck;
 use prost::Message;
 
-use crate::{config::Config, outbox::Outbox};
+use crate::{config::Config, outbox::Outbox, wire::FrameRef};
 
 /// The gRPC method the filter calls on the aggregator.
 pub const SERVICE: &str = "packetinspector.capture.v1.CaptureService";
@@ -191,9 +191,8 @@ impl Pipeline {
     }
 
     /// Queues a frame of a transaction whose fate is `fate`, and returns the new fate.
-    pub fn record<H: Host>(&mut self, host: &mut H, fate: Fate, frame: Frame) -> Fate {
-        let is_start = matches!(frame.kind, Some(Kind::Start(_)));
-        let is_end = matches!(frame.kind, Some(Kind::End(_)));
+    pub fn record<H: Host>(&mut self, host: &mut H, fate: Fate, frame: &FrameRef<'_>) -> Fate {
+        let (is_start, is_end) = (frame.is_start(), frame.is_end());
         // A damaged capture still sends its end, so the aggregator emits it flagged.
         if fate == Fate::Abandoned || (fate == Fate::Damaged && !is_end) {
             return fate;
@@ -262,8 +261,7 @@ impl Pipeline {
     /// Sends batches while the stream is ready and the ack window allows.
     pub fn flush<H: Host>(&mut self, host: &mut H) {
         let Stream::Ready { token } = self.stream else { return };
-        while let Some(batch) = self.outbox.next_batch(self.unreported_drops) {
-            let encoded = batch.encode_to_vec();
+        while let Some((_, encoded)) = self.outbox.next_batch(self.unreported_drops) {
             if let Err(err) = host.send(token, &encoded) {
                 self.warn(host, &format!("sending to the aggregator failed: {err}"));
                 host.cancel(token);
@@ -316,7 +314,7 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use packet_inspector_proto::capture::{FrameBatch, TransactionEnd, TransactionStart};
+    use packet_inspector_proto::capture::{frame::Kind, Frame, FrameBatch, TransactionEnd, TransactionStart};
     use std::collections::HashMap;
 
     #[derive(Default)]
@@ -369,12 +367,20 @@ mod tests {
         config
     }
 
-    fn start(id: u64) -> Frame {
-        Frame { transaction_id: id, timestamp_ns: 1, kind: Some(Kind::Start(TransactionStart::default())) }
+    fn start(id: u64) -> FrameRef<'static> {
+        FrameRef::Message(Frame {
+            transaction_id: id,
+            timestamp_ns: 1,
+            kind: Some(Kind::Start(TransactionStart::default())),
+        })
     }
 
-    fn end(id: u64) -> Frame {
-        Frame { transaction_id: id, timestamp_ns: 2, kind: Some(Kind::End(TransactionEnd::default())) }
+    fn end(id: u64) -> FrameRef<'static> {
+        FrameRef::Message(Frame {
+            transaction_id: id,
+            timestamp_ns: 2,
+            kind: Some(Kind::End(TransactionEnd::default())),
+        })
     }
 
     fn ready_pipeline(host: &mut MockHost, buffer: usize) -> Pipeline {
@@ -390,8 +396,8 @@ mod tests {
         let mut host = MockHost::default();
         let mut pipeline = ready_pipeline(&mut host, 1 << 20);
         let id = pipeline.begin(&mut host).unwrap();
-        assert_eq!(pipeline.record(&mut host, Fate::Recording, start(id)), Fate::Recording);
-        pipeline.record(&mut host, Fate::Recording, end(id));
+        assert_eq!(pipeline.record(&mut host, Fate::Recording, &start(id)), Fate::Recording);
+        pipeline.record(&mut host, Fate::Recording, &end(id));
         pipeline.on_tick(&mut host);
         assert_eq!(host.sent.len(), 1);
         assert_eq!(host.sent[0].1.frames.len(), 2);
@@ -413,7 +419,7 @@ mod tests {
         pipeline.on_tick(&mut host);
         pipeline.on_stream_ready(&mut host, 1);
         let id = pipeline.begin(&mut host).unwrap();
-        pipeline.record(&mut host, Fate::Recording, start(id));
+        pipeline.record(&mut host, Fate::Recording, &start(id));
         pipeline.on_tick(&mut host);
         assert_eq!(host.sent[0].1.captures_dropped, 2, "the aggregator learns of the drops");
     }
@@ -421,30 +427,31 @@ mod tests {
     #[test]
     fn full_buffer_abandons_or_damages_captures() {
         let mut host = MockHost::default();
-        let one = crate::outbox::framed_len(&start(1));
+        let one = start(1).framed_len();
         let mut pipeline = ready_pipeline(&mut host, one * 2);
         // Hold the window shut so nothing drains.
         pipeline.outbox = Outbox::new(one * 2, one * 2, 1);
-        pipeline.outbox.push(start(99)).unwrap();
+        pipeline.outbox.push(&start(99)).unwrap();
         pipeline.outbox.next_batch(0).unwrap();
         let a = pipeline.begin(&mut host).unwrap();
-        let fate_a = pipeline.record(&mut host, Fate::Recording, start(a));
+        let fate_a = pipeline.record(&mut host, Fate::Recording, &start(a));
         let b = pipeline.begin(&mut host).unwrap();
-        let fate_b = pipeline.record(&mut host, Fate::Recording, start(b));
+        let fate_b = pipeline.record(&mut host, Fate::Recording, &start(b));
         let c = pipeline.begin(&mut host).unwrap();
-        let fate_c = pipeline.record(&mut host, Fate::Recording, start(c));
+        let fate_c = pipeline.record(&mut host, Fate::Recording, &start(c));
         assert_eq!((fate_a, fate_b, fate_c), (Fate::Recording, Fate::Recording, Fate::Abandoned));
         // The end of a recording transaction still goes in (the reserve), so it is closed
         // at the aggregator rather than left open.
-        let fate_a = pipeline.record(&mut host, Fate::Recording, end(a));
+        let fate_a = pipeline.record(&mut host, Fate::Recording, &end(a));
         assert_eq!(fate_a, Fate::Recording);
         assert_eq!(host.counter(Counter::CapturesDropped), 1);
         assert_eq!(host.counter(Counter::FramesDropped), 1);
         // A later data frame that finds the buffer full damages it; its end still goes.
-        let body = Frame { transaction_id: b, timestamp_ns: 3, kind: Some(Kind::Body(Default::default())) };
-        let fate_b = pipeline.record(&mut host, Fate::Recording, body);
+        let body =
+            FrameRef::Message(Frame { transaction_id: b, timestamp_ns: 3, kind: Some(Kind::Body(Default::default())) });
+        let fate_b = pipeline.record(&mut host, Fate::Recording, &body);
         assert_eq!(fate_b, Fate::Damaged);
-        assert_eq!(pipeline.record(&mut host, fate_b, end(b)), Fate::Damaged);
+        assert_eq!(pipeline.record(&mut host, fate_b, &end(b)), Fate::Damaged);
         assert_eq!(host.counter(Counter::CapturesDropped), 2);
         assert_eq!(host.counter(Counter::FramesDropped), 2);
     }
@@ -454,7 +461,7 @@ mod tests {
         let mut host = MockHost::default();
         let mut pipeline = ready_pipeline(&mut host, 1 << 20);
         let id = pipeline.begin(&mut host).unwrap();
-        pipeline.record(&mut host, Fate::Recording, start(id));
+        pipeline.record(&mut host, Fate::Recording, &start(id));
         pipeline.flush(&mut host);
         pipeline.on_stream_closed(&mut host, 1, 14);
         assert_eq!(host.counter(Counter::BatchesLost), 1);

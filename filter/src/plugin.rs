@@ -9,7 +9,7 @@
 use std::{cell::RefCell, rc::Rc, time::Duration};
 
 use packet_inspector_proto::capture::{
-    frame::Kind, DiameterMessage, Direction, Frame, Header, Protocol, Role, TransactionMetadata,
+    frame::Kind, DiameterMessage, Direction, Frame, Protocol, Role, TransactionMetadata,
 };
 use proxy_wasm::{
     traits::{Context, HttpContext, RootContext, StreamContext},
@@ -18,13 +18,18 @@ use proxy_wasm::{
 
 use crate::{
     config::{CaptureProtocol, Config, RoleSetting},
+    connections::{ConnectionCache, ConnectionFacts},
     diameter::{self, Event, Framer},
     host,
     metadata::{self, NodeIdentity},
-    pairs,
+    pairs::{self, Pair},
     pipeline::{Counter, Fate, Host, Pipeline, METHOD, SERVICE},
     transaction::HttpTransaction,
+    wire::FrameRef,
 };
+
+/// Downstream connections whose facts are kept (see [`ConnectionCache`]).
+const CONNECTIONS_CACHED: usize = 4096;
 
 proxy_wasm::main! {{
     // Also installs a panic hook that logs through Envoy (a panic would still fail the request).
@@ -36,9 +41,10 @@ fn log(level: LogLevel, message: &str) {
     let _ = proxy_wasm::hostcalls::log(level, message);
 }
 
-/// [`Host`] over the proxy-wasm ABI.
+/// [`Host`] over the proxy-wasm ABI. Counts are summed here and handed to Envoy on each tick
+/// ([`Shared::flush_counts`]): one host call per counter per tick rather than per event.
 struct EnvoyHost<'a> {
-    counters: &'a [Option<u32>; Counter::ALL.len()],
+    pending: &'a mut [u64; Counter::ALL.len()],
 }
 
 impl Host for EnvoyHost<'_> {
@@ -55,9 +61,8 @@ impl Host for EnvoyHost<'_> {
         let _ = host::grpc_cancel(token);
     }
     fn count(&mut self, counter: Counter, delta: u64) {
-        let index = Counter::ALL.iter().position(|c| *c == counter);
-        if let Some(Some(id)) = index.and_then(|i| self.counters.get(i)) {
-            let _ = host::increment(*id, i64::try_from(delta).unwrap_or(i64::MAX));
+        if let Some(pending) = Counter::ALL.iter().position(|c| *c == counter).and_then(|i| self.pending.get_mut(i)) {
+            *pending = pending.saturating_add(delta);
         }
     }
     fn warn(&mut self, message: &str) {
@@ -77,15 +82,64 @@ struct Shared {
     config: Config,
     node: NodeIdentity,
     pipeline: Pipeline,
+    connections: ConnectionCache,
     counters: [Option<u32>; Counter::ALL.len()],
+    /// Counts not yet handed to Envoy.
+    pending: [u64; Counter::ALL.len()],
 }
 
 impl Shared {
     /// Runs `f` on the pipeline with the host.
     fn with_pipeline<R>(&mut self, f: impl FnOnce(&mut Pipeline, &mut EnvoyHost<'_>) -> R) -> R {
-        let mut host = EnvoyHost { counters: &self.counters };
+        let mut host = EnvoyHost { pending: &mut self.pending };
         f(&mut self.pipeline, &mut host)
     }
+
+    /// Queues a frame of a transaction whose fate is `fate`; returns the new fate.
+    fn record(&mut self, fate: Fate, frame: &FrameRef<'_>) -> Fate {
+        self.with_pipeline(|p, h| p.record(h, fate, frame))
+    }
+
+    fn flush_counts(&mut self) {
+        for (pending, id) in self.pending.iter_mut().zip(&self.counters) {
+            if let (Some(id), true) = (id, *pending > 0) {
+                let _ = host::increment(*id, i64::try_from(*pending).unwrap_or(i64::MAX));
+            }
+            *pending = 0;
+        }
+    }
+
+    /// The id and facts of the current request's downstream connection, from the cache when
+    /// known.
+    fn connection(&mut self) -> (u64, ConnectionFacts) {
+        let id = property(&["connection", "id"])
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+            .map_or(0, u64::from_le_bytes);
+        let role = self.config.role;
+        let facts = self.connections.facts(id, || ConnectionFacts {
+            request_protocol: property(&["request", "protocol"]),
+            role: read_role(role),
+            downstream_remote: metadata::socket_address(property(&["source", "address"]).as_deref()),
+            downstream_local: metadata::socket_address(property(&["destination", "address"]).as_deref()),
+        });
+        (id, facts)
+    }
+}
+
+/// The configured role, or the listener's direction when the setting is `auto`.
+fn read_role(setting: RoleSetting) -> Role {
+    let role = match setting {
+        RoleSetting::Auto => metadata::role(
+            RoleSetting::Auto,
+            metadata::property_i64(property(&["xds", "listener_direction"]).as_deref()),
+        ),
+        setting => metadata::role(setting, None),
+    };
+    if role == Role::Unspecified {
+        // Still captured; the capture is named "unknown" instead of consumer/producer.
+        log(LogLevel::Debug, "packet-inspector: no listener direction; role unspecified");
+    }
+    role
 }
 
 #[derive(Default)]
@@ -134,7 +188,14 @@ impl RootContext for CaptureRoot {
         let counters = Counter::ALL.map(|counter| host::define_counter(counter.name()).ok());
         let node = read_node_identity(&config);
         let flush_interval = Duration::from_millis(u64::from(config.flush_interval_ms));
-        let shared = Rc::new(RefCell::new(Shared { pipeline: Pipeline::new(&config), config, node, counters }));
+        let shared = Rc::new(RefCell::new(Shared {
+            pipeline: Pipeline::new(&config),
+            config,
+            node,
+            connections: ConnectionCache::new(CONNECTIONS_CACHED),
+            counters,
+            pending: [0; Counter::ALL.len()],
+        }));
         shared.borrow_mut().with_pipeline(|p, h| p.on_tick(h));
         self.shared = Some(shared);
         if let Err(status) = proxy_wasm::hostcalls::set_tick_period(flush_interval) {
@@ -146,7 +207,9 @@ impl RootContext for CaptureRoot {
 
     fn on_tick(&mut self) {
         if let Some(shared) = &self.shared {
-            shared.borrow_mut().with_pipeline(|p, h| p.on_tick(h));
+            let mut shared = shared.borrow_mut();
+            shared.with_pipeline(|p, h| p.on_tick(h));
+            shared.flush_counts();
         }
     }
 
@@ -202,17 +265,7 @@ fn read_node_identity(config: &Config) -> NodeIdentity {
 
 /// What every capture of this connection shares: identity, role, protocol, addresses.
 fn connection_metadata(shared: &Shared, protocol: Protocol, now: u64) -> TransactionMetadata {
-    let role = match shared.config.role {
-        RoleSetting::Auto => metadata::role(
-            RoleSetting::Auto,
-            metadata::property_i64(property(&["xds", "listener_direction"]).as_deref()),
-        ),
-        setting => metadata::role(setting, None),
-    };
-    if role == Role::Unspecified {
-        // Still captured; the capture is named "unknown" instead of consumer/producer.
-        log(LogLevel::Debug, "packet-inspector: no listener direction; role unspecified");
-    }
+    let role = read_role(shared.config.role);
     let node = &shared.node;
     TransactionMetadata {
         pod_name: node.pod_name.clone(),
@@ -234,44 +287,33 @@ fn connection_metadata(shared: &Shared, protocol: Protocol, now: u64) -> Transac
     }
 }
 
-fn headers(map_type: MapType) -> Vec<Header> {
-    let Ok(bytes) = host::header_map(map_type) else { return Vec::new() };
-    match pairs::decode(&bytes) {
-        Ok(pairs) => {
-            pairs.into_iter().map(|(name, value)| Header { name: name.to_vec(), value: value.to_vec() }).collect()
-        }
-        Err(_) => Vec::new(),
-    }
+/// A header map as the host serialized it (pairs); empty when the host refuses.
+fn header_buffer(map_type: MapType) -> Vec<u8> {
+    host::header_map(map_type).unwrap_or_default()
+}
+
+/// The pairs of a header buffer; a malformed one (which Envoy does not produce) reads as none.
+fn decode_pairs(buffer: &[u8]) -> Vec<Pair<'_>> {
+    pairs::decode(buffer).unwrap_or_default()
 }
 
 struct CaptureHttp {
     shared: Rc<RefCell<Shared>>,
+    /// `None` when this exchange is not captured (no stream) or its capture was abandoned.
     transaction: Option<HttpTransaction>,
 }
 
 impl CaptureHttp {
-    /// Builds a frame with the live transaction and records it; no-op when not capturing.
-    fn record(&mut self, build: impl FnOnce(&mut HttpTransaction, u64) -> Option<Frame>) {
-        let Some(transaction) = self.transaction.as_mut() else { return };
-        if transaction.fate == Fate::Abandoned {
-            return;
-        }
-        let Some(frame) = build(transaction, now_ns()) else { return };
-        let fate = transaction.fate;
-        transaction.fate = self.shared.borrow_mut().with_pipeline(|p, h| p.record(h, fate, frame));
+    /// The live transaction, unless there is none or it was abandoned.
+    fn live(transaction: &mut Option<HttpTransaction>) -> Option<&mut HttpTransaction> {
+        transaction.as_mut().filter(|t| t.fate != Fate::Abandoned)
     }
 
-    fn begin(&mut self, request_headers: Vec<Header>, end_of_stream: bool) {
+    fn begin(&mut self, request_headers: &[Pair<'_>], end_of_stream: bool) {
         let mut shared = self.shared.borrow_mut();
         let Some(id) = shared.with_pipeline(|p, h| p.begin(h)) else { return };
         let now = now_ns();
-        let role = match shared.config.role {
-            crate::config::RoleSetting::Auto => metadata::role(
-                shared.config.role,
-                metadata::property_i64(property(&["xds", "listener_direction"]).as_deref()),
-            ),
-            setting => metadata::role(setting, None),
-        };
+        let (connection_id, connection) = shared.connection();
         let node = &shared.node;
         let meta = TransactionMetadata {
             pod_name: node.pod_name.clone(),
@@ -279,41 +321,49 @@ impl CaptureHttp {
             workload: node.workload.clone(),
             node: String::new(),
             labels: node.labels.clone(),
-            role: role as i32,
+            role: connection.role as i32,
             gateway: shared.config.gateway,
-            protocol: metadata::protocol(property(&["request", "protocol"]).as_deref(), &request_headers) as i32,
-            downstream_remote: metadata::socket_address(property(&["source", "address"]).as_deref()),
-            downstream_local: metadata::socket_address(property(&["destination", "address"]).as_deref()),
+            protocol: metadata::protocol(connection.request_protocol.as_deref(), request_headers) as i32,
+            downstream_remote: connection.downstream_remote,
+            downstream_local: connection.downstream_local,
             upstream: None,
-            request_id: metadata::header_value(&request_headers, b"x-request-id")
+            request_id: metadata::header_value(request_headers, b"x-request-id")
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .unwrap_or_default()
                 .to_owned(),
-            connection_id: property(&["connection", "id"])
-                .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
-                .map_or(0, u64::from_le_bytes),
+            connection_id,
             start_time_ns: now,
         };
-        if role == Role::Unspecified && shared.config.role == crate::config::RoleSetting::Auto {
-            // Still captured; the capture is named "unknown" instead of consumer/producer.
-            log(LogLevel::Debug, "packet-inspector: no listener direction; role unspecified");
-        }
-        let max_body = shared.config.max_body_bytes;
-        drop(shared);
-        let mut transaction = HttpTransaction::new(id, max_body);
-        let start = transaction.start(now, meta);
+        let mut transaction = HttpTransaction::new(id, shared.config.max_body_bytes);
+        let fate = shared.record(Fate::Recording, &transaction.start(now, meta));
         let headers = transaction.headers(now, Direction::Request, request_headers, end_of_stream);
+        transaction.fate = if fate == Fate::Abandoned { fate } else { shared.record(fate, &headers) };
         self.transaction = Some(transaction);
-        self.record(|_, _| Some(start));
-        self.record(|_, _| Some(headers));
     }
 
     fn body(&mut self, direction: Direction, buffer: BufferType, size: usize, end_of_stream: bool) {
-        self.record(|txn, now| {
-            let budget = txn.body_budget(direction, size);
-            let data = if budget > 0 { host::buffer(buffer, 0, budget).unwrap_or_default() } else { Vec::new() };
-            txn.body(now, direction, data, size, end_of_stream)
-        });
+        let Some(transaction) = Self::live(&mut self.transaction) else { return };
+        let budget = transaction.body_budget(direction, size);
+        let data = if budget > 0 { host::buffer(buffer, 0, budget).unwrap_or_default() } else { Vec::new() };
+        if let Some(frame) = transaction.body(now_ns(), direction, &data, size, end_of_stream) {
+            transaction.fate = self.shared.borrow_mut().record(transaction.fate, &frame);
+        }
+    }
+
+    fn headers(&mut self, direction: Direction, map_type: MapType, end_of_stream: bool) {
+        let Some(transaction) = Self::live(&mut self.transaction) else { return };
+        let buffer = header_buffer(map_type);
+        let pairs = decode_pairs(&buffer);
+        let frame = transaction.headers(now_ns(), direction, &pairs, end_of_stream);
+        transaction.fate = self.shared.borrow_mut().record(transaction.fate, &frame);
+    }
+
+    fn trailers(&mut self, direction: Direction, map_type: MapType) {
+        let Some(transaction) = Self::live(&mut self.transaction) else { return };
+        let buffer = header_buffer(map_type);
+        let pairs = decode_pairs(&buffer);
+        let frame = transaction.trailers(now_ns(), direction, &pairs);
+        transaction.fate = self.shared.borrow_mut().record(transaction.fate, &frame);
     }
 }
 
@@ -321,7 +371,8 @@ impl Context for CaptureHttp {}
 
 impl HttpContext for CaptureHttp {
     fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
-        self.begin(headers(MapType::HttpRequestHeaders), end_of_stream);
+        let buffer = header_buffer(MapType::HttpRequestHeaders);
+        self.begin(&decode_pairs(&buffer), end_of_stream);
         Action::Continue
     }
 
@@ -331,14 +382,12 @@ impl HttpContext for CaptureHttp {
     }
 
     fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
-        self.record(|txn, now| Some(txn.trailers(now, Direction::Request, headers(MapType::HttpRequestTrailers))));
+        self.trailers(Direction::Request, MapType::HttpRequestTrailers);
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
-        self.record(|txn, now| {
-            Some(txn.headers(now, Direction::Response, headers(MapType::HttpResponseHeaders), end_of_stream))
-        });
+        self.headers(Direction::Response, MapType::HttpResponseHeaders, end_of_stream);
         Action::Continue
     }
 
@@ -348,14 +397,16 @@ impl HttpContext for CaptureHttp {
     }
 
     fn on_http_response_trailers(&mut self, _trailers: usize) -> Action {
-        self.record(|txn, now| Some(txn.trailers(now, Direction::Response, headers(MapType::HttpResponseTrailers))));
+        self.trailers(Direction::Response, MapType::HttpResponseTrailers);
         Action::Continue
     }
 
     fn on_log(&mut self) {
+        let Some(transaction) = Self::live(&mut self.transaction) else { return };
         // `upstream.address` is only known from the log phase on.
         let upstream = metadata::socket_address(property(&["upstream", "address"]).as_deref());
-        self.record(|txn, now| Some(txn.end(now, upstream)));
+        let frame = transaction.end(now_ns(), upstream);
+        self.shared.borrow_mut().record(transaction.fate, &frame);
         self.transaction = None;
     }
 }
@@ -409,7 +460,7 @@ impl CaptureDiameter {
                                 end_to_end_id: header.end_to_end_id,
                             })),
                         };
-                        pipeline.record(host, Fate::Recording, frame);
+                        pipeline.record(host, Fate::Recording, &FrameRef::Message(frame));
                     }
                     Event::Oversized { length } => {
                         host.count(Counter::DiameterOversized, 1);

@@ -1,12 +1,12 @@
 //! One HTTP exchange as the filter records it: builds the frames for each callback and applies
-//! the per-direction body limit, so truncation is counted exactly (never silent).
+//! the per-direction body limit, so truncation is counted exactly (never silent). Header and
+//! body frames borrow what the host handed over (see [`crate::wire`]).
 
 use packet_inspector_proto::capture::{
-    frame::Kind, BodyChunk, Direction, EndReason, Frame, Header, Headers, SocketAddress, TransactionEnd,
-    TransactionMetadata, TransactionStart,
+    frame::Kind, Direction, EndReason, Frame, SocketAddress, TransactionEnd, TransactionMetadata, TransactionStart,
 };
 
-use crate::pipeline::Fate;
+use crate::{pairs::Pair, pipeline::Fate, wire::FrameRef};
 
 #[derive(Debug, Default, Clone, Copy)]
 struct DirectionState {
@@ -34,8 +34,8 @@ impl HttpTransaction {
         }
     }
 
-    fn frame(&self, timestamp_ns: u64, kind: Kind) -> Frame {
-        Frame { transaction_id: self.id, timestamp_ns, kind: Some(kind) }
+    fn frame(&self, timestamp_ns: u64, kind: Kind) -> FrameRef<'static> {
+        FrameRef::Message(Frame { transaction_id: self.id, timestamp_ns, kind: Some(kind) })
     }
 
     fn state(&mut self, direction: Direction) -> &mut DirectionState {
@@ -45,19 +45,19 @@ impl HttpTransaction {
         }
     }
 
-    pub fn start(&self, timestamp_ns: u64, metadata: TransactionMetadata) -> Frame {
+    pub fn start(&self, timestamp_ns: u64, metadata: TransactionMetadata) -> FrameRef<'static> {
         self.frame(timestamp_ns, Kind::Start(TransactionStart { metadata: Some(metadata) }))
     }
 
-    pub fn headers(
+    pub fn headers<'a>(
         &mut self,
         timestamp_ns: u64,
         direction: Direction,
-        headers: Vec<Header>,
+        pairs: &'a [Pair<'a>],
         end_of_stream: bool,
-    ) -> Frame {
+    ) -> FrameRef<'a> {
         self.state(direction).finished |= end_of_stream;
-        self.frame(timestamp_ns, Kind::Headers(Headers { direction: direction as i32, headers, end_of_stream }))
+        FrameRef::Headers { transaction_id: self.id, timestamp_ns, trailers: false, direction, pairs, end_of_stream }
     }
 
     /// How many bytes of a `chunk_len`-byte body chunk to read from the host (what is left of
@@ -73,14 +73,14 @@ impl HttpTransaction {
 
     /// A body chunk of `chunk_len` bytes of which `data` (at most the budget) was read.
     /// Returns `None` for an empty, non-final chunk (nothing to tell).
-    pub fn body(
+    pub fn body<'a>(
         &mut self,
         timestamp_ns: u64,
         direction: Direction,
-        data: Vec<u8>,
+        data: &'a [u8],
         chunk_len: usize,
         end_of_stream: bool,
-    ) -> Option<Frame> {
+    ) -> Option<FrameRef<'a>> {
         if chunk_len == 0 && !end_of_stream {
             return None;
         }
@@ -88,23 +88,24 @@ impl HttpTransaction {
         state.captured += data.len() as u64;
         state.finished |= end_of_stream;
         let truncated_bytes = chunk_len.saturating_sub(data.len()) as u64;
-        Some(self.frame(
-            timestamp_ns,
-            Kind::Body(BodyChunk { direction: direction as i32, data, truncated_bytes, end_of_stream }),
-        ))
+        Some(FrameRef::Body { transaction_id: self.id, timestamp_ns, direction, data, truncated_bytes, end_of_stream })
     }
 
-    pub fn trailers(&mut self, timestamp_ns: u64, direction: Direction, trailers: Vec<Header>) -> Frame {
+    pub fn trailers<'a>(&mut self, timestamp_ns: u64, direction: Direction, pairs: &'a [Pair<'a>]) -> FrameRef<'a> {
         self.state(direction).finished = true;
-        self.frame(
+        FrameRef::Headers {
+            transaction_id: self.id,
             timestamp_ns,
-            Kind::Trailers(Headers { direction: direction as i32, headers: trailers, end_of_stream: true }),
-        )
+            trailers: true,
+            direction,
+            pairs,
+            end_of_stream: true,
+        }
     }
 
     /// The end frame: complete when both directions finished, else aborted; damaged captures
     /// say so.
-    pub fn end(&self, timestamp_ns: u64, upstream: Option<SocketAddress>) -> Frame {
+    pub fn end(&self, timestamp_ns: u64, upstream: Option<SocketAddress>) -> FrameRef<'static> {
         let reason = if self.fate == Fate::Damaged {
             EndReason::FramesDropped
         } else if self.request.finished && self.response.finished {
@@ -120,16 +121,17 @@ impl HttpTransaction {
 mod tests {
     use super::*;
 
-    fn body_of(frame: Frame) -> BodyChunk {
-        match frame.kind {
-            Some(Kind::Body(body)) => body,
+    /// (captured bytes, truncated bytes, end of stream) of a body frame.
+    fn body_of(frame: FrameRef<'_>) -> (usize, u64, bool) {
+        match frame {
+            FrameRef::Body { data, truncated_bytes, end_of_stream, .. } => (data.len(), truncated_bytes, end_of_stream),
             other => panic!("not a body: {other:?}"),
         }
     }
 
-    fn end_reason(frame: Frame) -> EndReason {
-        match frame.kind {
-            Some(Kind::End(end)) => end.reason(),
+    fn end_reason(frame: FrameRef<'_>) -> EndReason {
+        match frame {
+            FrameRef::Message(Frame { kind: Some(Kind::End(end)), .. }) => end.reason(),
             other => panic!("not an end: {other:?}"),
         }
     }
@@ -138,14 +140,11 @@ mod tests {
     fn body_limit_truncates_exactly_and_says_how_much() {
         let mut txn = HttpTransaction::new(7, 10);
         assert_eq!(txn.body_budget(Direction::Request, 6), 6);
-        let first = body_of(txn.body(1, Direction::Request, vec![1; 6], 6, false).unwrap());
-        assert_eq!(first.truncated_bytes, 0);
+        assert_eq!(body_of(txn.body(1, Direction::Request, &[1; 6], 6, false).unwrap()), (6, 0, false));
         assert_eq!(txn.body_budget(Direction::Request, 8), 4);
-        let second = body_of(txn.body(2, Direction::Request, vec![2; 4], 8, false).unwrap());
-        assert_eq!(second.truncated_bytes, 4);
+        assert_eq!(body_of(txn.body(2, Direction::Request, &[2; 4], 8, false).unwrap()), (4, 4, false));
         assert_eq!(txn.body_budget(Direction::Request, 100), 0);
-        let third = body_of(txn.body(3, Direction::Request, vec![], 100, true).unwrap());
-        assert_eq!((third.truncated_bytes, third.end_of_stream), (100, true));
+        assert_eq!(body_of(txn.body(3, Direction::Request, &[], 100, true).unwrap()), (0, 100, true));
         // The response has a budget of its own.
         assert_eq!(txn.body_budget(Direction::Response, 100), 10);
     }
@@ -153,17 +152,17 @@ mod tests {
     #[test]
     fn empty_intermediate_chunks_are_skipped() {
         let mut txn = HttpTransaction::new(1, 10);
-        assert!(txn.body(1, Direction::Response, vec![], 0, false).is_none());
-        assert!(txn.body(1, Direction::Response, vec![], 0, true).is_some());
+        assert!(txn.body(1, Direction::Response, &[], 0, false).is_none());
+        assert!(txn.body(1, Direction::Response, &[], 0, true).is_some());
     }
 
     #[test]
     fn end_reason_reflects_what_was_seen() {
         let mut txn = HttpTransaction::new(1, 10);
-        txn.headers(1, Direction::Request, vec![], true);
+        txn.headers(1, Direction::Request, &[], true);
         assert_eq!(end_reason(txn.end(2, None)), EndReason::Aborted);
-        txn.headers(3, Direction::Response, vec![], false);
-        txn.trailers(4, Direction::Response, vec![]);
+        txn.headers(3, Direction::Response, &[], false);
+        txn.trailers(4, Direction::Response, &[]);
         assert_eq!(end_reason(txn.end(5, None)), EndReason::Complete);
         txn.fate = Fate::Damaged;
         assert_eq!(end_reason(txn.end(6, None)), EndReason::FramesDropped);

@@ -1,0 +1,127 @@
+//! What the filter learns once per downstream connection and reuses for each of its requests.
+//!
+//! Envoy gives HTTP filters no connection-level context, and each property read costs a trip
+//! through Envoy's expression machinery (about as much as the rest of the filter's per-request
+//! work together), so the addresses, the listener direction and the HTTP version are read on the
+//! first request of a connection and kept here, keyed by `connection.id` (unique for the life of
+//! the Envoy process, never reused). The cache is bounded: past `capacity` connections the
+//! oldest entry is forgotten, and a later request of that connection reads the properties again.
+
+use std::collections::{HashMap, VecDeque};
+
+use packet_inspector_proto::capture::{Role, SocketAddress};
+
+/// The facts about one downstream connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionFacts {
+    /// `request.protocol` as Envoy reports it (`HTTP/1.1`, `HTTP/2`, ...).
+    pub request_protocol: Option<Vec<u8>>,
+    pub role: Role,
+    pub downstream_remote: Option<SocketAddress>,
+    pub downstream_local: Option<SocketAddress>,
+}
+
+#[derive(Debug)]
+pub struct ConnectionCache {
+    facts: HashMap<u64, ConnectionFacts>,
+    /// Connection ids, oldest first.
+    order: VecDeque<u64>,
+    capacity: usize,
+}
+
+impl ConnectionCache {
+    pub fn new(capacity: usize) -> Self {
+        Self { facts: HashMap::new(), order: VecDeque::new(), capacity: capacity.max(1) }
+    }
+
+    /// The facts of connection `id`, read with `read` unless known. Id 0 means Envoy did not say
+    /// which connection: they are read every time then.
+    pub fn facts(&mut self, id: u64, read: impl FnOnce() -> ConnectionFacts) -> ConnectionFacts {
+        if id == 0 {
+            return read();
+        }
+        if let Some(known) = self.facts.get(&id) {
+            return known.clone();
+        }
+        if self.order.len() >= self.capacity {
+            if let Some(oldest) = self.order.pop_front() {
+                self.facts.remove(&oldest);
+            }
+        }
+        let facts = read();
+        self.order.push_back(id);
+        self.facts.insert(id, facts.clone());
+        facts
+    }
+
+    pub fn len(&self) -> usize {
+        self.facts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.facts.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(port: u32) -> ConnectionFacts {
+        ConnectionFacts {
+            request_protocol: Some(b"HTTP/1.1".to_vec()),
+            role: Role::Consumer,
+            downstream_remote: Some(SocketAddress { ip: "10.0.0.1".into(), port }),
+            downstream_local: None,
+        }
+    }
+
+    #[test]
+    fn reads_once_per_connection() {
+        let mut cache = ConnectionCache::new(8);
+        let mut reads = 0;
+        for _ in 0..3 {
+            let got = cache.facts(42, || {
+                reads += 1;
+                facts(1)
+            });
+            assert_eq!(got, facts(1));
+        }
+        assert_eq!(reads, 1);
+    }
+
+    #[test]
+    fn bounded_oldest_forgotten_first() {
+        let mut cache = ConnectionCache::new(2);
+        cache.facts(1, || facts(1));
+        cache.facts(2, || facts(2));
+        cache.facts(3, || facts(3));
+        assert_eq!(cache.len(), 2);
+        let mut reread = false;
+        cache.facts(1, || {
+            reread = true;
+            facts(1)
+        });
+        assert!(reread, "connection 1 was evicted");
+        let mut reread_three = false;
+        cache.facts(3, || {
+            reread_three = true;
+            facts(3)
+        });
+        assert!(!reread_three);
+    }
+
+    #[test]
+    fn unknown_connection_is_read_every_time() {
+        let mut cache = ConnectionCache::new(2);
+        let mut reads = 0;
+        for port in 0..3 {
+            cache.facts(0, || {
+                reads += 1;
+                facts(port)
+            });
+        }
+        assert_eq!(reads, 3);
+        assert!(cache.is_empty());
+    }
+}
