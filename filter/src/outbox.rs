@@ -28,6 +28,8 @@ pub struct Outbox {
     /// Encoded `FrameBatch.frames` entries, one buffer per batch; only the last one is still
     /// being filled.
     batches: VecDeque<Vec<u8>>,
+    /// A sent batch's buffer, kept for the next batch: no allocation per batch.
+    spare: Option<Vec<u8>>,
     buffered_bytes: usize,
     in_flight: VecDeque<u64>,
     next_sequence: u64,
@@ -40,6 +42,7 @@ impl Outbox {
     pub fn new(max_buffer_bytes: usize, max_batch_bytes: usize, max_in_flight: usize) -> Self {
         Self {
             batches: VecDeque::new(),
+            spare: None,
             buffered_bytes: 0,
             in_flight: VecDeque::new(),
             next_sequence: 1,
@@ -77,7 +80,15 @@ impl Outbox {
         if !fits {
             // A single frame larger than a batch still goes, alone (frames are bounded by the
             // body limit).
-            self.batches.push_back(Vec::with_capacity(self.max_batch_bytes.max(len) + TRAILER_BYTES));
+            let capacity = self.max_batch_bytes.max(len) + TRAILER_BYTES;
+            let buffer = match self.spare.take() {
+                Some(mut spare) if spare.capacity() >= capacity => {
+                    spare.clear();
+                    spare
+                }
+                _ => Vec::with_capacity(capacity),
+            };
+            self.batches.push_back(buffer);
         }
         if let Some(batch) = self.batches.back_mut() {
             frame.encode(batch);
@@ -107,6 +118,15 @@ impl Outbox {
         self.in_flight.push_back(sequence);
         encode_batch_trailer(sequence, captures_dropped, &mut batch);
         Some((sequence, batch))
+    }
+
+    /// Hands back a sent batch's buffer for reuse.
+    pub fn recycle(&mut self, mut buffer: Vec<u8>) {
+        // Only batch-sized buffers; an oversized single frame's is let go.
+        if buffer.capacity() <= self.max_batch_bytes + TRAILER_BYTES {
+            buffer.clear();
+            self.spare = Some(buffer);
+        }
     }
 
     /// Records the aggregator's ack; acks cover every batch up to `sequence` (the stream is

@@ -262,7 +262,9 @@ impl Pipeline {
     pub fn flush<H: Host>(&mut self, host: &mut H) {
         let Stream::Ready { token } = self.stream else { return };
         while let Some((_, encoded)) = self.outbox.next_batch(self.unreported_drops) {
-            if let Err(err) = host.send(token, &encoded) {
+            let sent = host.send(token, &encoded);
+            self.outbox.recycle(encoded);
+            if let Err(err) = sent {
                 self.warn(host, &format!("sending to the aggregator failed: {err}"));
                 host.cancel(token);
                 let now = host.now_ns();

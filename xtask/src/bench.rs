@@ -617,7 +617,7 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
             "noop" => wasm_filter(&noop_module, "{}"),
             "capture" => wasm_filter(
                 &capture_module,
-                r#"{"cluster":"packet_inspector_aggregator","role":"consumer","flushIntervalMs":100,"maxBatchBytes":65536}"#,
+                r#"{"cluster":"packet_inspector_aggregator","role":"consumer","flushIntervalMs":100}"#,
             ),
             _ => format!(
                 r#"
