@@ -23,7 +23,8 @@ pub mod pipeline;
 pub mod transaction;
 pub mod wire;
 
-#[cfg(all(target_arch = "wasm32", not(feature = "noop")))]
+#[cfg(all(target_arch = "wasm32", any(not(feature = "noop"), feature = "read-floor")))]
+#[cfg_attr(feature = "read-floor", allow(dead_code))]
 mod host;
 #[cfg(all(target_arch = "wasm32", feature = "noop"))]
 mod noop;

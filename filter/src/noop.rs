@@ -1,6 +1,10 @@
-//! The benchmark's floor (feature `noop`): an HTTP filter that Envoy calls for every header,
+//! The benchmark's floors. Feature `noop`: an HTTP filter that Envoy calls for every header,
 //! body and trailer callback, like the capture filter, and that does nothing. Capture cost is
 //! measured against it, so what is left is the cost of capturing, not of running Wasm.
+//!
+//! Feature `read-floor` (implies `noop`): the same, but each callback also fetches what any
+//! capture through the proxy-wasm ABI must fetch (the header map, or the body chunk, and the
+//! time) and throws it away: the cost of capture that no filter logic can remove.
 
 use proxy_wasm::{
     traits::{Context, HttpContext, RootContext},
@@ -30,17 +34,37 @@ struct Noop;
 
 impl Context for Noop {}
 
+/// What the read floor fetches in a header callback.
+#[cfg(feature = "read-floor")]
+fn fetch_headers(map: proxy_wasm::types::MapType) {
+    std::hint::black_box((crate::host::header_map(map).ok(), proxy_wasm::hostcalls::get_current_time().ok()));
+}
+
+/// What the read floor fetches in a body callback.
+#[cfg(feature = "read-floor")]
+fn fetch_body(buffer: proxy_wasm::types::BufferType, size: usize) {
+    std::hint::black_box((crate::host::buffer(buffer, 0, size).ok(), proxy_wasm::hostcalls::get_current_time().ok()));
+}
+
 impl HttpContext for Noop {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        #[cfg(feature = "read-floor")]
+        fetch_headers(proxy_wasm::types::MapType::HttpRequestHeaders);
         Action::Continue
     }
-    fn on_http_request_body(&mut self, _: usize, _: bool) -> Action {
+    fn on_http_request_body(&mut self, _size: usize, _: bool) -> Action {
+        #[cfg(feature = "read-floor")]
+        fetch_body(proxy_wasm::types::BufferType::HttpRequestBody, _size);
         Action::Continue
     }
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        #[cfg(feature = "read-floor")]
+        fetch_headers(proxy_wasm::types::MapType::HttpResponseHeaders);
         Action::Continue
     }
-    fn on_http_response_body(&mut self, _: usize, _: bool) -> Action {
+    fn on_http_response_body(&mut self, _size: usize, _: bool) -> Action {
+        #[cfg(feature = "read-floor")]
+        fetch_body(proxy_wasm::types::BufferType::HttpResponseBody, _size);
         Action::Continue
     }
 }

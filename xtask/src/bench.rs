@@ -2,10 +2,11 @@
 //! targets of the benchmark issue printed as PASS/FAIL and written, with every raw run, under
 //! `target/bench/` (`runs.json`, `summary.json`). Not a test: nothing asserts a timing.
 //!
-//! 1. Proxy cost: four Envoys under test (`--concurrency 1`, pinned to core 0) forward to one
+//! 1. Proxy cost: five Envoys under test (`--concurrency 1`, pinned to core 0) forward to one
 //!    upstream Envoy answering 1 KiB or 64 KiB bodies (`direct_response`): no filter, the
-//!    project's no-op Wasm filter (the VM-crossing floor), the capture filter (aggregator
-//!    running), and Envoy's own tap filter writing every exchange to a file. Load comes from
+//!    project's no-op Wasm filter (the VM-crossing floor), the read floor (the no-op filter plus
+//!    the host calls any capture must make: header maps, bodies, time), the capture filter
+//!    (aggregator running), and Envoy's own tap filter writing every exchange to a file. Load comes from
 //!    core 1, in interleaved rounds (A B C D A B C D ...), three ways: `wrk` closed loop (as fast
 //!    as each variant goes: its capacity), then at a fixed rate, the same for every variant
 //!    (half the slowest variant's capacity): HTTP/1.1 open loop (`openloop.rs`) and HTTP/2 (h2c)
@@ -31,7 +32,7 @@ use anyhow::{bail, Context, Result};
 use packet_inspector_tests::{certs::Ca, free_port, mesh::admin_get, process::Process, target_dir, tools, wait_for};
 use serde_json::json;
 
-pub const VARIANTS: [&str; 4] = ["none", "noop", "capture", "tap"];
+pub const VARIANTS: [&str; 5] = ["none", "noop", "floor", "capture", "tap"];
 pub const SIZES: [(&str, usize); 2] = [("1KiB", 1024), ("64KiB", 65536)];
 pub const PARTS: [&str; 4] = ["proxy", "overload", "latency", "ingest"];
 
@@ -505,6 +506,22 @@ pub fn run(options: &Options) -> Result<()> {
             "\n(medians of {} interleaved rounds of {} s; ranges in target/bench/runs.json)",
             options.rounds, options.seconds
         );
+        // Where capture's CPU goes: the ABI's unavoidable reads, and the filter's own work.
+        for ((size, load, variant), capture) in &medians {
+            if variant != "capture" {
+                continue;
+            }
+            let of = |v: &str| medians.get(&(size.clone(), *load, v.to_owned())).map(|m| m.cpu_us);
+            if let (Some(noop), Some(floor)) = (of("noop"), of("floor")) {
+                println!(
+                    "{size} {}: CPU µs/request above the no-op filter: read floor {:+.1}, capture {:+.1} ({:+.1} beyond the floor)",
+                    load.name(),
+                    floor - noop,
+                    capture.cpu_us - noop,
+                    capture.cpu_us - floor
+                );
+            }
+        }
     }
     if let Some(overload) = &overload {
         overload.print();
@@ -550,8 +567,11 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
     let release = target_dir().join("release");
     let capture_module = tools::wasm()?;
     let noop_module = target_dir().join("noop/wasm32-wasip1/release/packet_inspector_filter.wasm");
-    if !noop_module.is_file() {
-        bail!("{} is missing (cargo xtask bench builds it)", noop_module.display());
+    let floor_module = target_dir().join("read-floor/wasm32-wasip1/release/packet_inspector_filter.wasm");
+    for module in [&noop_module, &floor_module] {
+        if !module.is_file() {
+            bail!("{} is missing (cargo xtask bench builds it)", module.display());
+        }
     }
 
     // Certificates, the emulator (discarding) and the aggregator, off the measured core.
@@ -615,6 +635,7 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
         let filters = match variant {
             "none" => String::new(),
             "noop" => wasm_filter(&noop_module, "{}"),
+            "floor" => wasm_filter(&floor_module, "{}"),
             "capture" => wasm_filter(
                 &capture_module,
                 r#"{"cluster":"packet_inspector_aggregator","role":"consumer","flushIntervalMs":100}"#,

@@ -55,8 +55,8 @@ enum Task {
         /// Parts to run: proxy, overload, latency, ingest.
         #[arg(long, value_delimiter = ',', default_value = "proxy,overload,latency,ingest")]
         parts: Vec<String>,
-        /// Proxy variants to load: none, noop, capture, tap.
-        #[arg(long, value_delimiter = ',', default_value = "none,noop,capture,tap")]
+        /// Proxy variants to load: none, noop, floor, capture, tap.
+        #[arg(long, value_delimiter = ',', default_value = "none,noop,floor,capture,tap")]
         variants: Vec<String>,
         /// Response body sizes: 1KiB, 64KiB.
         #[arg(long, value_delimiter = ',', default_value = "1KiB,64KiB")]
@@ -169,20 +169,23 @@ fn main() -> Result<()> {
                 "--bins",
             ]);
             run(release)?;
-            let mut noop = cargo();
-            noop.args([
-                "build",
-                "--release",
-                "--package",
-                "packet-inspector-filter",
-                "--target",
-                "wasm32-wasip1",
-                "--features",
-                "noop",
-                "--target-dir",
-            ])
-            .arg(packet_inspector_tests::target_dir().join("noop"));
-            run(noop)?;
+            for (feature, dir) in [("noop", "noop"), ("read-floor", "read-floor")] {
+                let mut floor = cargo();
+                floor
+                    .args([
+                        "build",
+                        "--release",
+                        "--package",
+                        "packet-inspector-filter",
+                        "--target",
+                        "wasm32-wasip1",
+                        "--features",
+                        feature,
+                        "--target-dir",
+                    ])
+                    .arg(packet_inspector_tests::target_dir().join(dir));
+                run(floor)?;
+            }
             bench::run(&bench::Options { rounds, seconds, connections, parts, variants, sizes, stall_seconds })
         }
         Task::Fuzz { target, seconds } => {
