@@ -47,6 +47,10 @@ pub struct Args {
     /// Captures waiting for the analysis service; beyond this they are dropped and counted.
     #[arg(long, env = "PI_FORWARD_QUEUE", default_value_t = 1024)]
     pub forward_queue: usize,
+    /// ... and at most this many bytes of them (encoded); beyond it they are dropped and
+    /// counted too. Large captures reach this bound before the count.
+    #[arg(long, env = "PI_FORWARD_QUEUE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub forward_queue_bytes: usize,
     /// Concurrent Submit calls to the analysis service.
     #[arg(long, env = "PI_FORWARD_CONCURRENCY", default_value_t = 8)]
     pub forward_concurrency: usize,
@@ -111,6 +115,7 @@ impl Args {
             }
         };
         positive("forward-queue", self.forward_queue)?;
+        positive("forward-queue-bytes", self.forward_queue_bytes)?;
         positive("forward-concurrency", self.forward_concurrency)?;
         positive("max-open-transactions", self.max_open_transactions)?;
         positive("max-transaction-bytes", self.max_transaction_bytes)?;

@@ -1,15 +1,20 @@
 //! Delivers captures to the analysis service: a bounded queue in front of a few concurrent
 //! `Submit` calls over one TLS channel, with retries for transport failures.
 //!
-//! The queue is the aggregator's memory bound towards a slow analysis service: when it is full,
-//! new captures are dropped and counted (never an unbounded backlog). On shutdown the queue is
-//! closed and drained within the grace period, so what was accepted is delivered.
+//! The queue is the aggregator's memory bound towards a slow analysis service, in captures and in
+//! bytes: when either bound is reached, new captures are dropped and counted (never an unbounded
+//! backlog, whatever the captures' sizes). On shutdown the queue is closed and drained within the
+//! grace period, so what was accepted is delivered.
 //!
-//! Each capture is encoded once, into shared bytes that every attempt sends as they are (the
-//! [`PreEncoded`] codec): a retry costs no copy of the capture's records and bodies.
+//! Each capture is encoded once, as it is queued (so the queue holds exactly the bytes it counts),
+//! into shared bytes that every attempt sends as they are (the [`PreEncoded`] codec): a retry
+//! costs no copy of the capture's records and bodies.
 
 use std::{
-    sync::{atomic::Ordering::Relaxed, Arc},
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -65,10 +70,19 @@ impl Decoder for PreEncoded {
 
 use crate::metrics::{LogLimiter, Metrics};
 
+/// A capture waiting for the analysis service, encoded.
+struct Queued {
+    encoded: Bytes,
+    payload: u64,
+    request_id: String,
+}
+
 /// Where captures go; cloned into every stream handler.
 #[derive(Clone)]
 pub struct Forwarder {
-    queue: mpsc::Sender<Capture>,
+    queue: mpsc::Sender<Queued>,
+    queued_bytes: Arc<AtomicU64>,
+    max_queued_bytes: u64,
     metrics: Arc<Metrics>,
     queue_full_log: Arc<LogLimiter>,
 }
@@ -80,21 +94,26 @@ const FIRST_RETRY: Duration = Duration::from_millis(200);
 impl Forwarder {
     /// Starts the delivery task. It ends once every `Forwarder` clone is dropped and the queue
     /// is drained.
+    /// `capacity` captures and `max_bytes` bytes (encoded) may wait; a single capture larger
+    /// than `max_bytes` is still taken when the queue is empty.
     pub fn start(
         channel: Channel,
         capacity: usize,
+        max_bytes: u64,
         concurrency: usize,
         metrics: Arc<Metrics>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (queue, rx) = mpsc::channel(capacity);
-        let task = tokio::spawn(deliver(rx, channel, concurrency.max(1), metrics.clone()));
-        (Self { queue, metrics, queue_full_log: Arc::default() }, task)
+        let queued_bytes = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(deliver(rx, channel, concurrency.max(1), queued_bytes.clone(), metrics.clone()));
+        (Self { queue, queued_bytes, max_queued_bytes: max_bytes, metrics, queue_full_log: Arc::default() }, task)
     }
 
-    /// Queues a capture, or drops and counts it when the queue is full.
+    /// Queues a capture, or drops and counts it when the queue is full (in captures or bytes).
     pub fn submit(&self, capture: Capture) {
-        let queued = self.queue.try_send(capture);
+        let queued = if self.queue.capacity() == 0 { Err(()) } else { self.enqueue(capture) };
         self.metrics.forward_queue_captures.store(queue_depth(&self.queue), Relaxed);
+        self.metrics.forward_queue_bytes.store(self.queued_bytes.load(Relaxed), Relaxed);
         if queued.is_err() {
             Metrics::add(&self.metrics.captures_queue_full_total, 1);
             if let Some(held_back) = self.queue_full_log.allow() {
@@ -105,20 +124,44 @@ impl Forwarder {
             }
         }
     }
+
+    fn enqueue(&self, capture: Capture) -> Result<(), ()> {
+        let payload = payload_bytes(&capture);
+        let request_id = capture.metadata.as_ref().map(|m| m.request_id.clone()).unwrap_or_default();
+        let encoded = Bytes::from(capture.encode_to_vec());
+        drop(capture);
+        let size = encoded.len() as u64;
+        let before = self.queued_bytes.fetch_add(size, Relaxed);
+        if before > 0 && before + size > self.max_queued_bytes {
+            self.queued_bytes.fetch_sub(size, Relaxed);
+            return Err(());
+        }
+        self.queue.try_send(Queued { encoded, payload, request_id }).map_err(|_| {
+            self.queued_bytes.fetch_sub(size, Relaxed);
+        })
+    }
 }
 
 fn queue_depth<T>(queue: &mpsc::Sender<T>) -> u64 {
     (queue.max_capacity() - queue.capacity()) as u64
 }
 
-async fn deliver(mut rx: mpsc::Receiver<Capture>, channel: Channel, concurrency: usize, metrics: Arc<Metrics>) {
+async fn deliver(
+    mut rx: mpsc::Receiver<Queued>,
+    channel: Channel,
+    concurrency: usize,
+    queued_bytes: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
+) {
     let mut in_flight = JoinSet::new();
-    while let Some(capture) = rx.recv().await {
+    while let Some(queued) = rx.recv().await {
+        let left = queued_bytes.fetch_sub(queued.encoded.len() as u64, Relaxed) - queued.encoded.len() as u64;
         metrics.forward_queue_captures.store(rx.len() as u64, Relaxed);
+        metrics.forward_queue_bytes.store(left, Relaxed);
         while in_flight.len() >= concurrency {
             in_flight.join_next().await;
         }
-        in_flight.spawn(submit(channel.clone(), capture, metrics.clone()));
+        in_flight.spawn(submit(channel.clone(), queued, metrics.clone()));
     }
     while in_flight.join_next().await.is_some() {}
 }
@@ -137,11 +180,8 @@ async fn call(channel: &Channel, encoded: Bytes) -> Result<SubmitReply, Status> 
     Ok(response.into_inner())
 }
 
-async fn submit(channel: Channel, capture: Capture, metrics: Arc<Metrics>) {
-    let payload = payload_bytes(&capture);
-    let request_id = capture.metadata.as_ref().map(|m| m.request_id.clone()).unwrap_or_default();
-    let encoded = Bytes::from(capture.encode_to_vec());
-    drop(capture);
+async fn submit(channel: Channel, queued: Queued, metrics: Arc<Metrics>) {
+    let Queued { encoded, payload, request_id } = queued;
     let mut delay = FIRST_RETRY;
     for attempt in 1..=ATTEMPTS {
         match call(&channel, encoded.clone()).await {
@@ -176,5 +216,55 @@ async fn submit(channel: Channel, capture: Capture, metrics: Arc<Metrics>) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use packet_inspector_proto::analysis::PcapRecord;
+
+    fn capture(bytes: usize) -> Capture {
+        Capture { records: vec![PcapRecord { data: vec![0; bytes], ..Default::default() }], ..Default::default() }
+    }
+
+    fn unreachable_service() -> Channel {
+        // Nothing listens on port 1: every call fails and is retried, so queued captures stay
+        // queued while the test looks.
+        tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy()
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_bytes_as_well_as_in_captures() {
+        let metrics = Arc::new(Metrics::default());
+        let size = capture(10_000).encoded_len() as u64;
+        let (forwarder, _task) = Forwarder::start(unreachable_service(), 100, size * 5 / 2, 1, metrics.clone());
+        // The delivery task has not run yet (single-threaded runtime, no await so far).
+        for _ in 0..5 {
+            forwarder.submit(capture(10_000));
+        }
+        assert_eq!(metrics.captures_queue_full_total.load(Relaxed), 3, "two fit in 2.5 captures' bytes");
+        assert_eq!(metrics.forward_queue_bytes.load(Relaxed), 2 * size);
+        assert_eq!(metrics.forward_queue_captures.load(Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_capture_larger_than_the_byte_bound_goes_when_the_queue_is_empty() {
+        let metrics = Arc::new(Metrics::default());
+        let (forwarder, _task) = Forwarder::start(unreachable_service(), 100, 1000, 1, metrics.clone());
+        forwarder.submit(capture(50_000));
+        forwarder.submit(capture(10));
+        assert_eq!(metrics.captures_queue_full_total.load(Relaxed), 1);
+        assert_eq!(metrics.forward_queue_captures.load(Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_captures() {
+        let metrics = Arc::new(Metrics::default());
+        let (forwarder, _task) = Forwarder::start(unreachable_service(), 3, u64::MAX, 1, metrics.clone());
+        for _ in 0..5 {
+            forwarder.submit(capture(10));
+        }
+        assert_eq!(metrics.captures_queue_full_total.load(Relaxed), 2);
     }
 }

@@ -79,8 +79,13 @@ pub async fn run(
         None => None,
     };
     let metrics = Arc::new(Metrics::default());
-    let (forwarder, delivery) =
-        Forwarder::start(channel, args.forward_queue, args.forward_concurrency, metrics.clone());
+    let (forwarder, delivery) = Forwarder::start(
+        channel,
+        args.forward_queue,
+        args.forward_queue_bytes as u64,
+        args.forward_concurrency,
+        metrics.clone(),
+    );
     if let Some(admin) = admin {
         tokio::spawn(admin::serve(admin, metrics.clone(), module, shutdown.clone()));
     }

@@ -48,6 +48,9 @@ metrics! {
     captures_queue_full_total: "counter",
     /// Captures waiting in the forwarding queue (its bound is `--forward-queue`).
     forward_queue_captures: "gauge",
+    /// Bytes (encoded captures) waiting in the forwarding queue (its bound is
+    /// `--forward-queue-bytes`).
+    forward_queue_bytes: "gauge",
     /// Captures stored by the analysis service.
     captures_forwarded_total: "counter",
     /// Captures given up after retries (analysis service unreachable, TLS refused, rejected).
