@@ -106,14 +106,18 @@ mod defaults {
     pub fn flush_interval_ms() -> u32 {
         100
     }
+    /// Small batches: Envoy sends a batch (copy, HTTP/2 framing, TLS) on the worker thread in
+    /// one go, between requests; a 1 MiB batch is about a millisecond of worker time at once,
+    /// 64 KiB a few tens of microseconds, at the same total cost.
     pub fn max_batch_bytes() -> usize {
-        1024 * 1024
+        64 * 1024
     }
     pub fn max_buffer_bytes() -> usize {
         8 * 1024 * 1024
     }
+    /// With 64 KiB batches, 1 MiB unacknowledged.
     pub fn max_batches_in_flight() -> usize {
-        4
+        16
     }
     pub fn role() -> super::RoleSetting {
         super::RoleSetting::Auto
@@ -206,7 +210,7 @@ mod tests {
         assert_eq!(config.cluster, "packet_inspector");
         assert_eq!(config.max_body_bytes, 65536);
         assert_eq!(config.role, RoleSetting::Auto);
-        assert_eq!(config.max_batches_in_flight, 4);
+        assert_eq!((config.max_batch_bytes, config.max_batches_in_flight), (65536, 16));
         assert!(config.labels.contains(&"app".to_string()));
     }
 
