@@ -489,4 +489,36 @@ mod tests {
         assert_eq!(host.cancelled, vec![1]);
         assert_eq!(host.counter(Counter::StreamsClosed), 1);
     }
+
+    #[test]
+    fn captures_flow_again_after_failed_reconnects() {
+        let mut host = MockHost::default();
+        let mut pipeline = ready_pipeline(&mut host, 1 << 20);
+        pipeline.on_stream_closed(&mut host, 1, 0);
+        // Reconnect attempts that fail; exchanges seen while connecting are queued.
+        for _ in 0..5 {
+            host.now += MAX_BACKOFF_NS;
+            pipeline.on_tick(&mut host);
+            if let Some(id) = pipeline.begin(&mut host) {
+                let fate = pipeline.record(&mut host, Fate::Recording, &start(id));
+                pipeline.record(&mut host, fate, &end(id));
+            }
+            let token = host.next_token;
+            pipeline.on_stream_closed(&mut host, token, 14);
+        }
+        host.now += MAX_BACKOFF_NS;
+        pipeline.on_tick(&mut host);
+        let token = host.next_token;
+        pipeline.on_stream_ready(&mut host, token);
+        let id = pipeline.begin(&mut host).unwrap();
+        pipeline.record(&mut host, Fate::Recording, &start(id));
+        pipeline.record(&mut host, Fate::Recording, &end(id));
+        pipeline.on_tick(&mut host);
+        let on_new_stream: Vec<&FrameBatch> =
+            host.sent.iter().filter(|(t, _)| *t == token).map(|(_, batch)| batch).collect();
+        let sequences: Vec<u64> = on_new_stream.iter().map(|b| b.sequence).collect();
+        assert_eq!(sequences, vec![1, 2], "what waited goes on ready; a new stream numbers from 1");
+        assert_eq!(on_new_stream[0].frames.len(), 2 * 5, "five exchanges queued while connecting");
+        assert_eq!(on_new_stream[1].frames.iter().map(|f| f.transaction_id).collect::<Vec<_>>(), vec![id, id]);
+    }
 }

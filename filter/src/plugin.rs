@@ -41,10 +41,9 @@ fn log(level: LogLevel, message: &str) {
     let _ = proxy_wasm::hostcalls::log(level, message);
 }
 
-/// [`Host`] over the proxy-wasm ABI. Counts are summed here and handed to Envoy on each tick
-/// ([`Shared::flush_counts`]): one host call per counter per tick rather than per event.
+/// [`Host`] over the proxy-wasm ABI.
 struct EnvoyHost<'a> {
-    pending: &'a mut [u64; Counter::ALL.len()],
+    counters: &'a [Option<u32>; Counter::ALL.len()],
 }
 
 impl Host for EnvoyHost<'_> {
@@ -61,8 +60,9 @@ impl Host for EnvoyHost<'_> {
         let _ = host::grpc_cancel(token);
     }
     fn count(&mut self, counter: Counter, delta: u64) {
-        if let Some(pending) = Counter::ALL.iter().position(|c| *c == counter).and_then(|i| self.pending.get_mut(i)) {
-            *pending = pending.saturating_add(delta);
+        let index = Counter::ALL.iter().position(|c| *c == counter);
+        if let Some(Some(id)) = index.and_then(|i| self.counters.get(i)) {
+            let _ = host::increment(*id, i64::try_from(delta).unwrap_or(i64::MAX));
         }
     }
     fn warn(&mut self, message: &str) {
@@ -84,29 +84,18 @@ struct Shared {
     pipeline: Pipeline,
     connections: ConnectionCache,
     counters: [Option<u32>; Counter::ALL.len()],
-    /// Counts not yet handed to Envoy.
-    pending: [u64; Counter::ALL.len()],
 }
 
 impl Shared {
     /// Runs `f` on the pipeline with the host.
     fn with_pipeline<R>(&mut self, f: impl FnOnce(&mut Pipeline, &mut EnvoyHost<'_>) -> R) -> R {
-        let mut host = EnvoyHost { pending: &mut self.pending };
+        let mut host = EnvoyHost { counters: &self.counters };
         f(&mut self.pipeline, &mut host)
     }
 
     /// Queues a frame of a transaction whose fate is `fate`; returns the new fate.
     fn record(&mut self, fate: Fate, frame: &FrameRef<'_>) -> Fate {
         self.with_pipeline(|p, h| p.record(h, fate, frame))
-    }
-
-    fn flush_counts(&mut self) {
-        for (pending, id) in self.pending.iter_mut().zip(&self.counters) {
-            if let (Some(id), true) = (id, *pending > 0) {
-                let _ = host::increment(*id, i64::try_from(*pending).unwrap_or(i64::MAX));
-            }
-            *pending = 0;
-        }
     }
 
     /// The id and facts of the current request's downstream connection, from the cache when
@@ -194,7 +183,6 @@ impl RootContext for CaptureRoot {
             node,
             connections: ConnectionCache::new(CONNECTIONS_CACHED),
             counters,
-            pending: [0; Counter::ALL.len()],
         }));
         shared.borrow_mut().with_pipeline(|p, h| p.on_tick(h));
         self.shared = Some(shared);
@@ -207,9 +195,7 @@ impl RootContext for CaptureRoot {
 
     fn on_tick(&mut self) {
         if let Some(shared) = &self.shared {
-            let mut shared = shared.borrow_mut();
-            shared.with_pipeline(|p, h| p.on_tick(h));
-            shared.flush_counts();
+            shared.borrow_mut().with_pipeline(|p, h| p.on_tick(h));
         }
     }
 
