@@ -297,9 +297,10 @@ fn aggregator_outage_costs_captures_never_requests() {
         })
         .unwrap();
     }
-    // The stat sums every root context's readiness, so one context may still be reconnecting
-    // (a capture it sees meanwhile is dropped and counted, by design): capture must resume
-    // within a bounded time, not necessarily on the very next request.
+    // Capture must resume within a bounded time. The very first request after the readiness
+    // stats grew was, in about one run in three since the filter's hot-path rewrite, not
+    // captured on one side; its cause is not found yet (the aggregator showed every stream
+    // reopened). Until it is, this asserts recovery, not the first request.
     let mut attempt = 0;
     let resumed = wait_for("captures to resume on both sides", Duration::from_secs(30), || {
         attempt += 1;
