@@ -13,7 +13,7 @@
 use packet_inspector_proto::capture::BatchAck;
 use prost::Message;
 
-use crate::{config::Config, outbox::Outbox, wire::FrameRef};
+use crate::{config::Config, outbox::Outbox, pairs::Pair, wire::FrameRef};
 
 /// The gRPC method the filter calls on the aggregator.
 pub const SERVICE: &str = "packetinspector.capture.v1.CaptureService";
@@ -88,6 +88,19 @@ pub trait Host {
     fn cancel(&mut self, token: u32);
     fn count(&mut self, counter: Counter, delta: u64);
     fn warn(&mut self, message: &str);
+}
+
+/// Whether a capture stream's response headers mean the aggregator accepted the stream.
+///
+/// Envoy reports response headers ("initial metadata") for every answer, failed connects
+/// included: a trailers-only answer, such as its own `UNAVAILABLE` when the aggregator cannot be
+/// reached, arrives as an empty map, and any non-200 answer is closed right after. Taking those
+/// for readiness would count a stream as ready that is about to close (and back off for up to
+/// `MAX_BACKOFF_NS` while captures are dropped). A map without `:status` (which Envoy does not
+/// produce) is taken as accepted rather than refused forever.
+pub fn stream_accepted(headers: &[Pair<'_>]) -> bool {
+    !headers.is_empty()
+        && headers.iter().find(|(name, _)| *name == b":status").is_none_or(|(_, value)| *value == b"200")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,7 +235,15 @@ impl Pipeline {
         }
     }
 
-    pub fn on_stream_ready<H: Host>(&mut self, host: &mut H, token: u32) {
+    /// The stream's response headers arrived: the stream is ready if they say the aggregator
+    /// accepted it (see [`stream_accepted`]); otherwise its close follows and is handled there.
+    pub fn on_stream_headers<H: Host>(&mut self, host: &mut H, token: u32, headers: &[Pair<'_>]) {
+        if stream_accepted(headers) {
+            self.on_stream_ready(host, token);
+        }
+    }
+
+    fn on_stream_ready<H: Host>(&mut self, host: &mut H, token: u32) {
         if let Stream::Connecting { token: current, .. } = self.stream {
             if current == token {
                 self.stream = Stream::Ready { token };
@@ -405,6 +426,35 @@ mod tests {
         assert_eq!(host.sent[0].1.frames.len(), 2);
         pipeline.on_stream_message(&mut host, 1, &BatchAck { sequence: 1 }.encode_to_vec());
         assert_eq!(host.counter(Counter::BatchesAcked), 1);
+    }
+
+    #[test]
+    fn only_an_answer_with_headers_and_status_200_accepts_the_stream() {
+        let grpc: &[Pair<'_>] = &[(b":status", b"200"), (b"content-type", b"application/grpc")];
+        assert!(stream_accepted(grpc));
+        assert!(!stream_accepted(&[]), "a trailers-only answer (e.g. Envoy's UNAVAILABLE)");
+        assert!(!stream_accepted(&[(b":status", b"503"), (b"content-type", b"text/plain")]));
+        assert!(stream_accepted(&[(b"content-type", b"application/grpc")]), "no :status is not a refusal");
+    }
+
+    #[test]
+    fn a_failed_connect_is_not_counted_ready_and_the_next_attempt_comes_soon() {
+        let mut host = MockHost::default();
+        let mut pipeline = Pipeline::new(&config(1 << 20));
+        pipeline.on_tick(&mut host);
+        // What Envoy reports when the aggregator cannot be reached: empty initial metadata,
+        // then the close.
+        pipeline.on_stream_headers(&mut host, 1, &[]);
+        assert!(!pipeline.is_ready());
+        pipeline.on_stream_closed(&mut host, 1, 14);
+        assert_eq!(host.counter(Counter::StreamsReady), 0);
+        assert_eq!(pipeline.begin(&mut host), None, "no stream: the capture is dropped and counted");
+        host.now += INITIAL_BACKOFF_NS;
+        pipeline.on_tick(&mut host);
+        let accepted: &[Pair<'_>] = &[(b":status", b"200")];
+        pipeline.on_stream_headers(&mut host, 2, accepted);
+        assert!(pipeline.is_ready());
+        assert_eq!(host.counter(Counter::StreamsReady), 1);
     }
 
     #[test]

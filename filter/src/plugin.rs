@@ -139,7 +139,9 @@ struct CaptureRoot {
 impl Context for CaptureRoot {
     fn on_grpc_stream_initial_metadata(&mut self, token: u32, _headers: u32) {
         if let Some(shared) = &self.shared {
-            shared.borrow_mut().with_pipeline(|p, h| p.on_stream_ready(h, token));
+            let buffer = header_buffer(MapType::GrpcReceiveInitialMetadata);
+            let headers = decode_pairs(&buffer);
+            shared.borrow_mut().with_pipeline(|p, h| p.on_stream_headers(h, token, &headers));
         }
     }
 

@@ -829,6 +829,13 @@ fn proxy(setup: &Setup, options: &Options, runs: &mut Vec<Run>) -> Result<()> {
                         run.failed
                     );
                     runs.push(run);
+                    if *variant == "tap" {
+                        // The tap writes a file per exchange (hundreds of thousands per bench);
+                        // they are its output, not a result. Emptied between runs, unmeasured.
+                        let tap_dir = setup.dir.join("tap");
+                        std::fs::remove_dir_all(&tap_dir)?;
+                        std::fs::create_dir_all(&tap_dir)?;
+                    }
                 }
             }
         }
