@@ -9,6 +9,28 @@ use std::{
 
 use anyhow::{Context, Result};
 
+/// Makes the kernel kill the child (SIGKILL) when the thread that started it ends, so a test or
+/// bench that is itself killed (SIGTERM, SIGKILL: no destructors run) leaves no Envoy or daemon
+/// behind. Every process here is started from the thread that owns it for its whole life.
+fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
+    // system calls (prctl, getppid).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                return Err(std::io::Error::other("the parent exited while starting the child"));
+            }
+            Ok(())
+        });
+    }
+}
+
 pub struct Process {
     pub name: String,
     child: Option<Child>,
@@ -24,6 +46,7 @@ impl Process {
             .open(log)
             .with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
+        die_with_parent(&mut command);
         let child = command
             .stdin(Stdio::null())
             .stdout(out)

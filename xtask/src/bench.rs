@@ -106,6 +106,8 @@ pub struct LoadResult {
     pub requests_per_second: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    /// Every answered request's latency (µs), when the generator reports them (not `wrk`).
+    pub latencies_us: Vec<f64>,
 }
 
 pub fn cpu_ticks(pid: u32) -> Result<u64> {
@@ -175,6 +177,7 @@ fn parse_wrk(output: &str) -> Result<LoadResult> {
         requests_per_second: rps,
         p50_us: percentile("50%")?,
         p99_us: percentile("99%")?,
+        latencies_us: Vec::new(),
     })
 }
 
@@ -209,6 +212,7 @@ fn parse_h2load(output: &str, log: &str) -> Result<LoadResult> {
         requests_per_second: ok as f64 / seconds.max(0.001),
         p50_us: percentile(&durations, 0.50),
         p99_us: percentile(&durations, 0.99),
+        latencies_us: durations,
     })
 }
 
@@ -326,6 +330,8 @@ fn wasm_filter(module: &Path, configuration: &str) -> String {
 struct Medians {
     cpu_us: f64,
     p99_us: f64,
+    /// p99 of every request of every round together (fixed-rate loads).
+    pooled_p99_us: Option<f64>,
 }
 
 /// What every part needs: the processes, and where they listen.
@@ -369,7 +375,8 @@ pub fn run(options: &Options) -> Result<()> {
     let mut medians: BTreeMap<(String, Load, String), Medians> = BTreeMap::new();
     let mut table = Vec::new();
     if options.runs("proxy") {
-        proxy(&setup, options, &mut runs)?;
+        let mut latencies = BTreeMap::new();
+        proxy(&setup, options, &mut runs, &mut latencies)?;
         for (size, _) in SIZES {
             for load in Load::ALL {
                 for variant in VARIANTS {
@@ -393,11 +400,20 @@ pub fn run(options: &Options) -> Result<()> {
                         pick(|r| r.p99_us),
                     );
                     let failed: u64 = of.iter().map(|r| r.failed).sum();
-                    medians
-                        .insert((size.to_owned(), load, variant.to_owned()), Medians { cpu_us: cpu.0, p99_us: p99.0 });
+                    let pooled_p99_us = latencies
+                        .get_mut(&(size.to_owned(), load, variant.to_owned()))
+                        .filter(|all: &&mut Vec<f64>| !all.is_empty())
+                        .map(|all| {
+                            all.sort_by(|a, b| a.total_cmp(b));
+                            percentile(all, 0.99)
+                        });
+                    medians.insert(
+                        (size.to_owned(), load, variant.to_owned()),
+                        Medians { cpu_us: cpu.0, p99_us: p99.0, pooled_p99_us },
+                    );
                     table.push(json!({"size": size, "load": load, "variant": variant, "offered": of[0].offered,
                         "requests_per_second": rps, "envoy_cpu_us_per_request": cpu, "p50_us": p50, "p99_us": p99,
-                        "failed": failed}));
+                        "p99_all_rounds_us": pooled_p99_us, "failed": failed}));
                 }
             }
         }
@@ -445,8 +461,8 @@ pub fn run(options: &Options) -> Result<()> {
             "value": ratio(fixed("capture"), fixed("noop"), |m| m.cpu_us), "limit": 1.15}),
         json!({"target": "P1", "what": "Envoy CPU/request, capture / native tap (HTTP/1.1, 1 KiB, same offered load)",
             "value": ratio(fixed("capture"), fixed("tap"), |m| m.cpu_us), "limit": 0.5}),
-        json!({"target": "P2", "what": "p99 latency, capture / no-op Wasm (HTTP/1.1, 1 KiB, same offered load)",
-            "value": ratio(fixed("capture"), fixed("noop"), |m| m.p99_us), "limit": 1.10}),
+        json!({"target": "P2", "what": "p99 latency, capture / no-op Wasm (HTTP/1.1, 1 KiB, same offered load, all rounds' requests)",
+            "value": ratio(fixed("capture"), fixed("noop"), |m| m.pooled_p99_us.unwrap_or(m.p99_us)), "limit": 1.10}),
         json!({"target": "P3", "what": "aggregator frames/s per core (thousands)",
             "value": ingest.as_ref().map(|i| i.frames_per_core_second / 1000.0), "limit": 200.0, "at_least": true}),
         json!({"target": "P3", "what": "aggregator captured MB/s per core",
@@ -484,13 +500,13 @@ pub fn run(options: &Options) -> Result<()> {
 
     if !table.is_empty() {
         println!(
-            "\n{:<7} {:<9} {:<8} {:>9} {:>10} {:>12} {:>9} {:>9} {:>7}",
-            "SIZE", "LOAD", "VARIANT", "OFFERED", "REQ/S", "CPU µs/REQ", "P50 µs", "P99 µs", "FAILED"
+            "\n{:<7} {:<9} {:<8} {:>9} {:>10} {:>12} {:>9} {:>9} {:>11} {:>7}",
+            "SIZE", "LOAD", "VARIANT", "OFFERED", "REQ/S", "CPU µs/REQ", "P50 µs", "P99 µs", "P99 ALL µs", "FAILED"
         );
         for row in &table {
             let median = |key: &str| row[key][0].as_f64().unwrap_or(0.0);
             println!(
-                "{:<7} {:<9} {:<8} {:>9} {:>10.0} {:>12.1} {:>9.0} {:>9.0} {:>7}",
+                "{:<7} {:<9} {:<8} {:>9} {:>10.0} {:>12.1} {:>9.0} {:>9.0} {:>11} {:>7}",
                 row["size"].as_str().unwrap_or(""),
                 row["load"].as_str().unwrap_or(""),
                 row["variant"].as_str().unwrap_or(""),
@@ -499,11 +515,12 @@ pub fn run(options: &Options) -> Result<()> {
                 median("envoy_cpu_us_per_request"),
                 median("p50_us"),
                 median("p99_us"),
+                row["p99_all_rounds_us"].as_f64().map_or("-".to_owned(), |p| format!("{p:.0}")),
                 row["failed"]
             );
         }
         println!(
-            "\n(medians of {} interleaved rounds of {} s; ranges in target/bench/runs.json)",
+            "\n(medians of {} interleaved rounds of {} s, P99 ALL over every round's requests; ranges in target/bench/runs.json)",
             options.rounds, options.seconds
         );
         // Where capture's CPU goes: the ABI's unavoidable reads, and the filter's own work.
@@ -519,6 +536,16 @@ pub fn run(options: &Options) -> Result<()> {
                     floor - noop,
                     capture.cpu_us - noop,
                     capture.cpu_us - floor
+                );
+            }
+            // Context, not a target: what each adds to a proxy that runs no filter at all.
+            if let (Some(none), Some(tap)) = (of("none"), of("tap")) {
+                println!(
+                    "{size} {}: CPU µs/request above no filter: capture {:+.1}, native tap {:+.1} ({:.2}x)",
+                    load.name(),
+                    capture.cpu_us - none,
+                    tap - none,
+                    (capture.cpu_us - none) / (tap - none)
                 );
             }
         }
@@ -762,7 +789,16 @@ fn h2load(dir: &Path, port: u16, connections: u32, rate: f64, seconds: u64) -> R
 
 /// The proxy part: closed loop to find each variant's capacity, then the same fixed rate for
 /// every variant over HTTP/1.1 and HTTP/2.
-fn proxy(setup: &Setup, options: &Options, runs: &mut Vec<Run>) -> Result<()> {
+///
+/// `latencies` collects every answered request's latency per (size, load, variant), all rounds
+/// together: a p99 over all of them is steadier than any one round's on a machine whose stalls
+/// come in bursts.
+fn proxy(
+    setup: &Setup,
+    options: &Options,
+    runs: &mut Vec<Run>,
+    latencies: &mut BTreeMap<(String, Load, String), Vec<f64>>,
+) -> Result<()> {
     let tick_us = 1_000_000.0 / ticks_per_second();
     let variants: Vec<&str> = VARIANTS.iter().copied().filter(|v| options.variants.iter().any(|w| w == v)).collect();
     let sizes: Vec<(usize, &str)> = SIZES
@@ -806,6 +842,10 @@ fn proxy(setup: &Setup, options: &Options, runs: &mut Vec<Run>) -> Result<()> {
                         }
                     };
                     let cpu_us = (cpu_ticks(*pid)? - before) as f64 * tick_us;
+                    latencies
+                        .entry((size.to_owned(), load, (*variant).to_owned()))
+                        .or_default()
+                        .extend_from_slice(&result.latencies_us);
                     let run = Run {
                         size: size.to_owned(),
                         load,

@@ -53,6 +53,7 @@ pub fn run(port: u16, connections: u32, rate: f64, seconds: u64) -> Result<LoadR
             requests_per_second: latencies_us.len() as f64 / seconds as f64,
             p50_us: percentile(&latencies_us, 0.50),
             p99_us: percentile(&latencies_us, 0.99),
+            latencies_us,
         })
     })
 }
