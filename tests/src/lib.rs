@@ -34,9 +34,40 @@ pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// A TCP port free on loopback right now.
+/// A TCP port free on loopback right now, for a process about to listen on it.
+///
+/// Taken below the kernel's ephemeral range when there is room: a port the kernel hands out for
+/// `bind(0)` is an ephemeral one, and between our probe and Envoy's bind any outgoing
+/// connection (another test's client, an Envoy upstream) may take it as its source port
+/// ("Address already in use"). Below that range only listeners that chose the port take it, and
+/// in this process each port is handed out once (a cursor, started at a place that depends on
+/// the process id so that concurrent processes start apart).
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(0);
+    let span = ephemeral_low.saturating_sub(LOWEST);
+    if span < 1_000 {
+        return Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+    }
+    let _ = CURSOR.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let offset = CURSOR.fetch_add(1, Ordering::Relaxed) % span;
+        let Ok(port) = u16::try_from(LOWEST + offset) else { continue };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free TCP port between {LOWEST} and {ephemeral_low} on loopback")
 }
 
 /// Polls `check` until it returns `Some`, or fails after `timeout` saying what was awaited.
