@@ -330,7 +330,7 @@ fn wasm_filter(module: &Path, configuration: &str) -> String {
 struct Medians {
     cpu_us: f64,
     p99_us: f64,
-    /// p99 of every request of every round together (fixed-rate loads).
+    /// p99 of every request of every round together (fixed-rate loads; context, see [`proxy`]).
     pooled_p99_us: Option<f64>,
 }
 
@@ -497,8 +497,9 @@ pub fn run(options: &Options) -> Result<()> {
             "value": ratio(fixed("capture"), fixed("noop"), |m| m.cpu_us), "limit": 1.15}),
         json!({"target": "P1", "what": "Envoy CPU/request, capture / native tap (HTTP/1.1, 1 KiB, same offered load)",
             "value": ratio(fixed("capture"), fixed("tap"), |m| m.cpu_us), "limit": 0.5}),
-        json!({"target": "P2", "what": "p99 latency, capture / no-op Wasm (HTTP/1.1, 1 KiB, same offered load, all rounds' requests)",
-            "value": ratio(fixed("capture"), fixed("noop"), |m| m.pooled_p99_us.unwrap_or(m.p99_us)), "limit": 1.10}),
+        json!({"target": "P2", "what": "p99 latency, capture / no-op Wasm (HTTP/1.1, 1 KiB, same offered load)",
+            "value": ratio(fixed("capture"), fixed("noop"), |m| m.p99_us), "limit": 1.10,
+            "all_rounds_together": ratio(fixed("capture"), fixed("noop"), |m| m.pooled_p99_us.unwrap_or(m.p99_us))}),
         json!({"target": "P3", "what": "aggregator frames/s per core (thousands)",
             "value": ingest.as_ref().map(|i| i.frames_per_core_second / 1000.0), "limit": 200.0, "at_least": true}),
         json!({"target": "P3", "what": "aggregator captured MB/s per core",
@@ -607,6 +608,12 @@ pub fn run(options: &Options) -> Result<()> {
             value,
             limit
         );
+        if let Some(together) = t["all_rounds_together"].as_f64() {
+            println!(
+                "     {:<4} {:<80} {together:>10.3}",
+                "", "  (context) the same from the p99 of all rounds' requests together"
+            );
+        }
     }
     println!("\nwritten: {}, {}", out.join("summary.json").display(), out.join("runs.json").display());
     Ok(())
@@ -827,8 +834,9 @@ fn h2load(dir: &Path, port: u16, connections: u32, rate: f64, seconds: u64) -> R
 /// every variant over HTTP/1.1 and HTTP/2.
 ///
 /// `latencies` collects every answered request's latency per (size, load, variant), all rounds
-/// together: a p99 over all of them is steadier than any one round's on a machine whose stalls
-/// come in bursts.
+/// together. Their p99 is shown beside the median of the rounds' p99s, which P2 uses: this
+/// machine's stalls (tens of milliseconds, in bursts, whatever runs) can spoil one round, and a
+/// median of rounds shrugs that off where a p99 over all requests takes it in whole.
 fn proxy(
     setup: &Setup,
     options: &Options,
