@@ -482,7 +482,13 @@ pub fn run(options: &Options) -> Result<()> {
         None
     };
     let ingest = if options.runs("ingest") {
-        Some(crate::ingest::run(&setup.certs, setup.aggregator_port, setup.aggregator_pid, options.seconds.max(5))?)
+        Some(crate::ingest::run(
+            &setup.certs,
+            setup.aggregator_port,
+            setup.aggregator_admin,
+            setup.aggregator_pid,
+            options.seconds.max(5),
+        )?)
     } else {
         None
     };
