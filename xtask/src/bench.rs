@@ -461,6 +461,20 @@ pub fn run(options: &Options) -> Result<()> {
     });
 
     let overload = if options.runs("overload") { Some(crate::overload::run(&mut setup, options)?) } else { None };
+    // Before the latency part, which replaces the discarding emulator with one writing files:
+    // ingest forwards every capture, and must forward to a sink that discards.
+    let ingest = if options.runs("ingest") {
+        crate::ingest::wait_drained(setup.aggregator_admin)?;
+        Some(crate::ingest::run(
+            &setup.certs,
+            setup.aggregator_port,
+            setup.aggregator_admin,
+            setup.aggregator_pid,
+            options.seconds.max(5),
+        )?)
+    } else {
+        None
+    };
     let latency = if options.runs("latency") {
         crate::ingest::wait_drained(setup.aggregator_admin)?;
         let capture_port = setup.under_test.get("capture").context("the latency part needs the capture variant")?.2[0];
@@ -478,17 +492,6 @@ pub fn run(options: &Options) -> Result<()> {
             latency.p50_seconds, latency.p99_seconds
         );
         Some(latency)
-    } else {
-        None
-    };
-    let ingest = if options.runs("ingest") {
-        Some(crate::ingest::run(
-            &setup.certs,
-            setup.aggregator_port,
-            setup.aggregator_admin,
-            setup.aggregator_pid,
-            options.seconds.max(5),
-        )?)
     } else {
         None
     };
