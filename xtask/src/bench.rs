@@ -356,7 +356,7 @@ pub struct Setup {
 /// and gave their p99 stalls of tens of milliseconds; and they are deleted only when the bench
 /// ends, because mass deletes (ext4 mounted with `discard` here) made the tap's next runs
 /// create files several times slower. (In memory, `/dev/shm`, the tap cost 1.8x the CPU of no
-/// filter, closed loop, instead of 2.9x on disk: its disk work is part of what a tap costs.)
+/// filter, closed loop, instead of 2.6-2.9x on disk: its disk work is part of what a tap costs.)
 pub struct TapDir(PathBuf);
 
 impl TapDir {
