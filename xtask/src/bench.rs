@@ -361,6 +361,16 @@ pub struct TapDir(PathBuf);
 
 impl TapDir {
     fn create(run_dir: &Path) -> Result<Self> {
+        // What earlier benches that were killed (no destructor ran) left: gigabytes, no result.
+        if let Some(runs) = run_dir.parent() {
+            for entry in std::fs::read_dir(runs).into_iter().flatten().flatten() {
+                let stale = entry.path().join("tap");
+                if entry.path() != run_dir && stale.is_dir() {
+                    eprintln!("bench: deleting {} (left by an earlier, interrupted bench)", stale.display());
+                    let _ = std::fs::remove_dir_all(stale);
+                }
+            }
+        }
         let dir = run_dir.join("tap");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Self(dir))
