@@ -51,9 +51,9 @@ pub struct Ingest {
 }
 
 const STREAMS: usize = 8;
-/// Batches in flight per stream. With [`STREAMS`] and [`transactions_per_batch`], at most 512
-/// captures (1 KiB bodies) or 16 (64 KiB) are in flight: what arrives after the pacer paused
-/// the generator still fits the aggregator's forwarding queue (1,024 captures, 64 MiB).
+/// Batches in flight per stream (with [`STREAMS`] and [`transactions_per_batch`]: at most 512
+/// captures with 1 KiB bodies, 16 with 64 KiB). How far the generator runs ahead of forwarding
+/// is bounded separately ([`AHEAD_CAPTURES`]).
 const WINDOW: usize = 2;
 
 /// Transactions per batch: about 64 KiB of bodies, as the filter's default `maxBatchBytes` cuts
@@ -170,6 +170,11 @@ const FORWARDED: &str = "captures_forwarded_total";
 const FORWARD_FAILED: &str = "captures_forward_failed_total";
 const QUEUE_FULL: &str = "captures_queue_full_total";
 
+/// Captures the aggregator is done with: forwarded, given up, or dropped at its queue.
+fn settled_captures(text: &str) -> u64 {
+    [FORWARDED, FORWARD_FAILED, QUEUE_FULL].iter().map(|name| metric(text, name)).sum()
+}
+
 fn metrics(admin: u16) -> Result<String> {
     packet_inspector_tests::mesh::admin_get(admin, "/metrics")
 }
@@ -187,8 +192,7 @@ const AHEAD_BYTES: u64 = 32 << 20;
 async fn watch_settled(admin: u16, baseline: u64, settled: Arc<AtomicU64>, done: Arc<AtomicBool>) {
     while !done.load(Relaxed) {
         if let Ok(Ok(text)) = tokio::task::spawn_blocking(move || metrics(admin)).await {
-            let now: u64 = [FORWARDED, FORWARD_FAILED, QUEUE_FULL].iter().map(|name| metric(&text, name)).sum();
-            settled.store(now.saturating_sub(baseline), Relaxed);
+            settled.store(settled_captures(&text).saturating_sub(baseline), Relaxed);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -209,15 +213,15 @@ async fn ingest_once(
     let frames_per_batch = template.frames.len() as u64;
     // `sequence` 0 is not encoded: this is the frames (and nothing else) of every batch.
     let template = Bytes::from(template.encode_to_vec());
-    let payload_per_batch = transactions_per_batch(body_bytes) * 2 * body_bytes as u64;
+    let captures_per_batch = transactions_per_batch(body_bytes);
+    let payload_per_batch = captures_per_batch * 2 * body_bytes as u64;
     let (frames, payload) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let before = metrics(admin)?;
-    let captures_per_batch = transactions_per_batch(body_bytes);
     // A capture queued for forwarding holds its bodies twice (raw, and in the pcap records).
     let capture_bytes = 4 * body_bytes as u64 + 2048;
     let ahead = AHEAD_CAPTURES.min(AHEAD_BYTES / capture_bytes).max(captures_per_batch);
-    let baseline: u64 = [FORWARDED, FORWARD_FAILED, QUEUE_FULL].iter().map(|name| metric(&before, name)).sum();
+    let baseline = settled_captures(&before);
     let (sent, settled, done) =
         (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
     let watcher = tokio::spawn(watch_settled(admin, baseline, settled.clone(), done.clone()));
@@ -273,8 +277,7 @@ async fn ingest_once(
     let after = tokio::task::spawn_blocking(move || {
         wait_for("the aggregator to forward what it built", Duration::from_secs(120), || {
             let text = metrics(admin).ok()?;
-            let settled: u64 = [FORWARDED, FORWARD_FAILED, QUEUE_FULL].iter().map(|name| metric(&text, name)).sum();
-            (settled >= metric(&text, BUILT)).then_some(text)
+            (settled_captures(&text) >= metric(&text, BUILT)).then_some(text)
         })
     })
     .await??;
@@ -337,7 +340,7 @@ pub fn wait_drained(admin: u16) -> Result<()> {
             quiet_since = Instant::now();
         }
         let built = metric(&text, BUILT);
-        let settled = [FORWARDED, FORWARD_FAILED, QUEUE_FULL].iter().map(|name| metric(&text, name)).sum::<u64>();
+        let settled = settled_captures(&text);
         (settled >= built && quiet_since.elapsed() >= Duration::from_secs(2)).then_some(())
     })
 }
