@@ -33,4 +33,6 @@ pub mod pcap;
 #[cfg(feature = "grpc")]
 pub mod daemon;
 #[cfg(feature = "grpc")]
+pub mod gather;
+#[cfg(feature = "grpc")]
 pub mod tls;

@@ -34,6 +34,8 @@ use tokio::{
 };
 use tokio_rustls::{server::TlsStream, TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
+
+use crate::gather::GatherWrites;
 use tonic::transport::{server::Connected, Channel, Endpoint};
 
 /// What can go wrong setting TLS up, each with what a user needs to fix it.
@@ -391,7 +393,9 @@ pub fn connect_lazy(
         async move {
             let tcp = TcpStream::connect(address).await?;
             tcp.set_nodelay(true)?;
-            let tls = connector.connect(server_name, tcp).await?;
+            // Captures are small and many: their TLS records leave together when h2 flushes
+            // (see `gather`), not one system call per h2 frame.
+            let tls = connector.connect(server_name, GatherWrites::new(tcp)).await?;
             Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
         }
     });
