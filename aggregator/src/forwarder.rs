@@ -6,9 +6,10 @@
 //! backlog, whatever the captures' sizes). On shutdown the queue is closed and drained within the
 //! grace period, so what was accepted is delivered.
 //!
-//! Each capture is encoded once, as it is queued (so the queue holds exactly the bytes it counts),
-//! into shared bytes that every attempt sends as they are (the [`PreEncoded`] codec): a retry
-//! costs no copy of the capture's records and bodies.
+//! A capture is encoded straight into the gRPC message buffer of the call (the [`EncodeShared`]
+//! codec; its exact encoded size reserved first, so the buffer never grows by copying): the one
+//! copy of its records and bodies between assembly and TLS. The queue holds the capture itself,
+//! shared, and counts its encoded size; a retry encodes it again.
 
 use std::{
     sync::{
@@ -23,7 +24,7 @@ use prost::Message;
 use tokio::{sync::mpsc, task::JoinSet};
 use tonic::{
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    codegen::{http::uri::PathAndQuery, Bytes},
+    codegen::http::uri::PathAndQuery,
     transport::Channel,
     Code, Status,
 };
@@ -31,35 +32,35 @@ use tonic::{
 /// The `Submit` method of the analysis contract.
 const SUBMIT: &str = "/packetinspector.analysis.v1.AnalysisService/Submit";
 
-/// Sends a message encoded beforehand; decodes the reply with prost.
+/// Encodes a shared capture into the call's buffer; decodes the reply with prost.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct PreEncoded;
+pub struct EncodeShared;
 
-impl Codec for PreEncoded {
-    type Encode = Bytes;
+impl Codec for EncodeShared {
+    type Encode = Arc<Capture>;
     type Decode = SubmitReply;
-    type Encoder = PreEncoded;
-    type Decoder = PreEncoded;
+    type Encoder = EncodeShared;
+    type Decoder = EncodeShared;
 
     fn encoder(&mut self) -> Self::Encoder {
-        PreEncoded
+        EncodeShared
     }
     fn decoder(&mut self) -> Self::Decoder {
-        PreEncoded
+        EncodeShared
     }
 }
 
-impl Encoder for PreEncoded {
-    type Item = Bytes;
+impl Encoder for EncodeShared {
+    type Item = Arc<Capture>;
     type Error = Status;
 
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        bytes::BufMut::put_slice(dst, &item);
-        Ok(())
+    fn encode(&mut self, item: Arc<Capture>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.reserve(item.encoded_len());
+        item.encode(dst).map_err(|err| Status::internal(format!("cannot encode the capture: {err}")))
     }
 }
 
-impl Decoder for PreEncoded {
+impl Decoder for EncodeShared {
     type Item = SubmitReply;
     type Error = Status;
 
@@ -70,11 +71,12 @@ impl Decoder for PreEncoded {
 
 use crate::metrics::{LogLimiter, Metrics};
 
-/// A capture waiting for the analysis service, encoded.
+/// A capture waiting for the analysis service.
 struct Queued {
-    encoded: Bytes,
+    capture: Arc<Capture>,
+    /// Its encoded size: what the queue's byte bound counts.
+    size: u64,
     payload: u64,
-    request_id: String,
 }
 
 /// Where captures go; cloned into every stream handler.
@@ -127,16 +129,13 @@ impl Forwarder {
 
     fn enqueue(&self, capture: Capture) -> Result<(), ()> {
         let payload = payload_bytes(&capture);
-        let request_id = capture.metadata.as_ref().map(|m| m.request_id.clone()).unwrap_or_default();
-        let encoded = Bytes::from(capture.encode_to_vec());
-        drop(capture);
-        let size = encoded.len() as u64;
+        let size = capture.encoded_len() as u64;
         let before = self.queued_bytes.fetch_add(size, Relaxed);
         if before > 0 && before + size > self.max_queued_bytes {
             self.queued_bytes.fetch_sub(size, Relaxed);
             return Err(());
         }
-        self.queue.try_send(Queued { encoded, payload, request_id }).map_err(|_| {
+        self.queue.try_send(Queued { capture: Arc::new(capture), size, payload }).map_err(|_| {
             self.queued_bytes.fetch_sub(size, Relaxed);
         })
     }
@@ -155,7 +154,7 @@ async fn deliver(
 ) {
     let mut in_flight = JoinSet::new();
     while let Some(queued) = rx.recv().await {
-        let left = queued_bytes.fetch_sub(queued.encoded.len() as u64, Relaxed) - queued.encoded.len() as u64;
+        let left = queued_bytes.fetch_sub(queued.size, Relaxed) - queued.size;
         metrics.forward_queue_captures.store(rx.len() as u64, Relaxed);
         metrics.forward_queue_bytes.store(left, Relaxed);
         while in_flight.len() >= concurrency {
@@ -172,23 +171,24 @@ fn payload_bytes(capture: &Capture) -> u64 {
     })
 }
 
-/// One `Submit` call with the encoded capture.
-async fn call(channel: &Channel, encoded: Bytes) -> Result<SubmitReply, Status> {
+/// One `Submit` call.
+async fn call(channel: &Channel, capture: Arc<Capture>) -> Result<SubmitReply, Status> {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     grpc.ready().await.map_err(|err| Status::unavailable(format!("analysis service not ready: {err}")))?;
-    let response = grpc.unary(tonic::Request::new(encoded), PathAndQuery::from_static(SUBMIT), PreEncoded).await?;
+    let response = grpc.unary(tonic::Request::new(capture), PathAndQuery::from_static(SUBMIT), EncodeShared).await?;
     Ok(response.into_inner())
 }
 
 async fn submit(channel: Channel, queued: Queued, metrics: Arc<Metrics>) {
-    let Queued { encoded, payload, request_id } = queued;
+    let Queued { capture, payload, .. } = queued;
+    let request_id = || capture.metadata.as_ref().map_or("", |m| m.request_id.as_str());
     let mut delay = FIRST_RETRY;
     for attempt in 1..=ATTEMPTS {
-        match call(&channel, encoded.clone()).await {
+        match call(&channel, capture.clone()).await {
             Ok(reply) => {
                 Metrics::add(&metrics.captures_forwarded_total, 1);
                 Metrics::add(&metrics.forwarded_payload_bytes_total, payload);
-                tracing::debug!(%request_id, stored_as = %reply.stored_as, "capture forwarded");
+                tracing::debug!(request_id = request_id(), stored_as = %reply.stored_as, "capture forwarded");
                 return;
             }
             // Transport trouble (unreachable, TLS refused, reset) is worth retrying; a refusal
@@ -197,7 +197,7 @@ async fn submit(channel: Channel, queued: Queued, metrics: Arc<Metrics>) {
                 if matches!(status.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded)
                     && attempt < ATTEMPTS =>
             {
-                tracing::debug!(%request_id, attempt, error = %status, "analysis service unavailable; retrying");
+                tracing::debug!(request_id = request_id(), attempt, error = %status, "analysis service unavailable; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
             }
@@ -207,7 +207,7 @@ async fn submit(channel: Channel, queued: Queued, metrics: Arc<Metrics>) {
                 let Some(held_back) = FAILED_LOG.allow() else { return };
                 tracing::error!(
                     also_failed_since_last_error = held_back,
-                    %request_id,
+                    request_id = request_id(),
                     attempts = attempt,
                     code = ?status.code(),
                     error = status.message(),
