@@ -178,7 +178,8 @@ mod tests {
         for chunk in [&b"frame one"[..], b"frame two", b"three"] {
             stream.write_all(chunk).await.unwrap();
         }
-        stream.write_vectored(&[io::IoSlice::new(b"-a"), io::IoSlice::new(b"-b")]).await.unwrap();
+        let written = stream.write_vectored(&[io::IoSlice::new(b"-a"), io::IoSlice::new(b"-b")]).await.unwrap();
+        assert_eq!(written, 4, "a vectored write is taken whole");
         assert!(stream.get_ref().writes.is_empty(), "nothing written before the flush");
         stream.flush().await.unwrap();
         assert_eq!(stream.get_ref().writes, vec![b"frame oneframe twothree-a-b".to_vec()]);
