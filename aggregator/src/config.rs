@@ -51,7 +51,9 @@ pub struct Args {
     /// counted too. Large captures reach this bound before the count.
     #[arg(long, env = "PI_FORWARD_QUEUE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub forward_queue_bytes: usize,
-    /// Concurrent Submit calls to the analysis service.
+    /// SubmitStream calls kept open to the analysis service while there is something to send
+    /// (each with at most 64 captures or 4 MiB unanswered), or concurrent Submit calls against
+    /// a service without SubmitStream.
     #[arg(long, env = "PI_FORWARD_CONCURRENCY", default_value_t = 8)]
     pub forward_concurrency: usize,
     /// Open transactions per filter stream; at the bound the stalest one is delivered as

@@ -1,11 +1,14 @@
 //! The analysis emulator: stands in for a third-party analysis tool. It serves the
-//! `AnalysisService` contract over TLS and stores each capture as `<stem>.bson` and
-//! `<stem>.pcap` under an output directory ([`store`], named by [`naming`]).
+//! `AnalysisService` contract over TLS (`Submit` and `SubmitStream`) and stores each capture as
+//! `<stem>.bson` and `<stem>.pcap` under an output directory ([`store`], named by [`naming`]).
 
 pub mod naming;
 pub mod store;
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::PathBuf,
+    sync::{atomic::AtomicU64, atomic::Ordering::Relaxed, Arc},
+};
 
 use clap::Parser;
 use packet_inspector_proto::{
@@ -15,9 +18,10 @@ use packet_inspector_proto::{
     },
     tls,
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::mpsc};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 /// Stands in for an analysis tool: a TLS gRPC server that writes one .bson and one .pcap per capture.
 #[derive(Debug, Clone, Parser)]
@@ -52,28 +56,37 @@ pub enum EmulatorError {
     Serve(#[from] tonic::transport::Error),
 }
 
+/// How many captures of one `SubmitStream` call are stored at once (they are answered in order).
+const STORES_PER_STREAM: usize = 16;
+
+#[derive(Clone)]
 struct Emulator {
     output_dir: Arc<PathBuf>,
     discard: bool,
-    discarded: Arc<std::sync::atomic::AtomicU64>,
+    discarded: Arc<AtomicU64>,
+    /// Ends the `SubmitStream` calls, which would otherwise hold a graceful shutdown open.
+    shutdown: CancellationToken,
 }
 
-#[tonic::async_trait]
-impl AnalysisService for Emulator {
-    async fn submit(&self, request: Request<Capture>) -> Result<Response<SubmitReply>, Status> {
-        let capture = request.into_inner();
+/// A capture of a stream being stored, or already answered.
+enum Answer {
+    Storing(tokio::task::JoinHandle<Result<String, Status>>),
+    Ready(Result<String, Status>),
+}
+
+impl Emulator {
+    /// Stores one capture (off the async threads: file writes block), or only counts it with
+    /// `--discard`. A capture that cannot be stored is an error status saying why.
+    fn start_storing(&self, capture: Capture) -> Answer {
         if self.discard {
-            self.discarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok(Response::new(SubmitReply { stored_as: String::new() }));
+            self.discarded.fetch_add(1, Relaxed);
+            return Answer::Ready(Ok(String::new()));
         }
         let dir = self.output_dir.clone();
-        let stored = tokio::task::spawn_blocking(move || store::store(&dir, &capture))
-            .await
-            .map_err(|err| Status::internal(format!("storing task failed: {err}")))?;
-        match stored {
+        Answer::Storing(tokio::task::spawn_blocking(move || match store::store(&dir, &capture) {
             Ok(stem) => {
                 tracing::info!(file = %stem, "capture stored");
-                Ok(Response::new(SubmitReply { stored_as: stem }))
+                Ok(stem)
             }
             Err(err @ (store::StoreError::NoMetadata | store::StoreError::NoExchange)) => {
                 tracing::warn!(error = %err, "capture refused");
@@ -83,7 +96,80 @@ impl AnalysisService for Emulator {
                 tracing::error!(error = %err, "capture not stored");
                 Err(Status::internal(err.to_string()))
             }
+        }))
+    }
+}
+
+impl Answer {
+    async fn stored(self) -> Result<String, Status> {
+        match self {
+            Answer::Ready(answer) => answer,
+            Answer::Storing(task) => {
+                task.await.unwrap_or_else(|err| Err(Status::internal(format!("storing task failed: {err}"))))
+            }
         }
+    }
+}
+
+#[tonic::async_trait]
+impl AnalysisService for Emulator {
+    async fn submit(&self, request: Request<Capture>) -> Result<Response<SubmitReply>, Status> {
+        let stored_as = self.start_storing(request.into_inner()).stored().await?;
+        Ok(Response::new(SubmitReply { stored_as, refused: String::new() }))
+    }
+
+    type SubmitStreamStream = ReceiverStream<Result<SubmitReply, Status>>;
+
+    /// Stores up to [`STORES_PER_STREAM`] captures at once and answers them in order. On
+    /// shutdown it stops reading, answers what it read, and ends the call with UNAVAILABLE (the
+    /// aggregator sends anything unanswered again, elsewhere or later).
+    async fn submit_stream(
+        &self,
+        request: Request<Streaming<Capture>>,
+    ) -> Result<Response<Self::SubmitStreamStream>, Status> {
+        let mut captures = request.into_inner();
+        let (answers, mut answers_rx) = mpsc::channel::<Result<Answer, Status>>(STORES_PER_STREAM);
+        let (replies, replies_rx) = mpsc::channel(STORES_PER_STREAM);
+        let emulator = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = emulator.shutdown.cancelled() => {
+                        let _ = answers.send(Err(Status::unavailable("the analysis emulator is shutting down"))).await;
+                        return;
+                    }
+                    next = captures.message() => next,
+                };
+                match next {
+                    Ok(Some(capture)) => {
+                        if answers.send(Ok(emulator.start_storing(capture))).await.is_err() {
+                            return;
+                        }
+                    }
+                    // The aggregator ended its side: answer what is left, then end the call.
+                    Ok(None) => return,
+                    Err(status) => {
+                        tracing::debug!(error = %status, "SubmitStream call broken by the aggregator");
+                        return;
+                    }
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some(answer) = answers_rx.recv().await {
+                let reply = match answer {
+                    Ok(answer) => Ok(match answer.stored().await {
+                        Ok(stored_as) => SubmitReply { stored_as, refused: String::new() },
+                        Err(status) => SubmitReply { stored_as: String::new(), refused: status.message().to_owned() },
+                    }),
+                    Err(end) => Err(end),
+                };
+                if replies.send(reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(replies_rx)))
     }
 }
 
@@ -108,18 +194,19 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
         "analysis emulator serving"
     );
     let incoming = tls::serve_incoming(listener, config, shutdown.clone());
-    let discarded = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let service =
-        Emulator { output_dir: Arc::new(args.output_dir.clone()), discard: args.discard, discarded: discarded.clone() };
+    let discarded = Arc::new(AtomicU64::new(0));
+    let service = Emulator {
+        output_dir: Arc::new(args.output_dir.clone()),
+        discard: args.discard,
+        discarded: discarded.clone(),
+        shutdown: shutdown.clone(),
+    };
     tonic::transport::Server::builder()
         .add_service(AnalysisServiceServer::new(service).max_decoding_message_size(64 * 1024 * 1024))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await?;
     if args.discard {
-        tracing::info!(
-            discarded = discarded.load(std::sync::atomic::Ordering::Relaxed),
-            "analysis emulator stopped cleanly"
-        );
+        tracing::info!(discarded = discarded.load(Relaxed), "analysis emulator stopped cleanly");
     } else {
         tracing::info!("analysis emulator stopped cleanly");
     }

@@ -37,6 +37,16 @@ impl Running {
             tokio::time::timeout(Duration::from_secs(30), task).await.expect("clean stop").unwrap();
         }
     }
+
+    /// Stops the emulator while the aggregator runs, within `within`; then the aggregator.
+    pub async fn stop_emulator_first(self, within: Duration) {
+        let (shutdown, task) = self.emulator;
+        shutdown.cancel();
+        tokio::time::timeout(within, task).await.expect("the emulator stops promptly").unwrap();
+        let (shutdown, task) = self.aggregator;
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), task).await.expect("clean stop").unwrap();
+    }
 }
 
 /// Starts an emulator whose certificate names `analysis_san`, and an aggregator told to
