@@ -359,6 +359,7 @@ impl Worker {
             if queued.attempts >= ATTEMPTS {
                 self.given_up(&queued, queued.attempts, status);
             } else {
+                Metrics::add(&self.metrics.captures_forward_retried_total, 1);
                 self.resend.push_front(queued);
             }
         }
@@ -398,6 +399,7 @@ impl Worker {
                         && attempt < ATTEMPTS =>
                 {
                     tracing::debug!(request_id = queued.request_id(), attempt, error = %status, "analysis service unavailable; retrying");
+                    Metrics::add(&self.metrics.captures_forward_retried_total, 1);
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }
@@ -590,6 +592,15 @@ mod tests {
         assert_eq!(stored, expected, "every capture stored, the one the broken call left unanswered included");
         assert_eq!(metrics.captures_forwarded_total.load(Relaxed), 50);
         assert_eq!(service.calls.load(Relaxed), 2);
+        // The call broke at the 10th capture; the 10th and whatever followed it on that call
+        // went again.
+        let retried = metrics.captures_forward_retried_total.load(Relaxed);
+        assert!((1..=41).contains(&retried), "{retried} captures sent again");
+        assert_eq!(
+            service.streamed.lock().unwrap().len(),
+            50,
+            "none stored twice: the broken call stored none of those"
+        );
     }
 
     #[tokio::test]
@@ -630,6 +641,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(30), task).await.expect("gives up within the attempts").unwrap();
         assert_eq!(metrics.captures_forward_failed_total.load(Relaxed), 2);
         assert_eq!(metrics.captures_forwarded_total.load(Relaxed), 0);
+        assert_eq!(metrics.captures_forward_retried_total.load(Relaxed), 2 * (ATTEMPTS as u64 - 1));
     }
 
     fn capture(bytes: usize) -> Capture {

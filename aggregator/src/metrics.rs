@@ -55,6 +55,9 @@ metrics! {
     captures_forwarded_total: "counter",
     /// Captures given up after retries (analysis service unreachable, TLS refused, rejected).
     captures_forward_failed_total: "counter",
+    /// Captures sent to the analysis service again: left unanswered by a broken call, or a
+    /// `Submit` retried (delivery is at least once, so each may be stored twice).
+    captures_forward_retried_total: "counter",
     /// Captured payload bytes forwarded.
     forwarded_payload_bytes_total: "counter",
     /// Diameter messages received from filters.
