@@ -66,8 +66,15 @@ pub struct Identity {
     pub private_key: PathBuf,
 }
 
+/// ring's suites, AES-128-GCM first: TLS 1.3's mandatory suite, Envoy's first choice (its
+/// upstream TLS is 1.2 by default, ECDHE-*-AES128-GCM-SHA256 first: seen in its ClientHello to
+/// the aggregator), and cheaper per byte than AES-256-GCM (ten rounds instead of fourteen), which
+/// counts on the aggregator's links, each carrying every captured byte. Servers follow the
+/// client's order.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// Reads every certificate of a PEM file.
@@ -400,4 +407,18 @@ pub fn connect_lazy(
         }
     });
     Ok(endpoint.connect_with_connector_lazy(connect))
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::CipherSuite;
+
+    #[test]
+    fn aes_128_gcm_is_offered_first_and_nothing_is_lost() {
+        let suites: Vec<CipherSuite> = super::provider().cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(suites[0], CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let default = rustls::crypto::ring::default_provider().cipher_suites.len();
+        assert_eq!(suites.len(), default);
+        assert!(suites.contains(&CipherSuite::TLS13_AES_256_GCM_SHA384));
+    }
 }
