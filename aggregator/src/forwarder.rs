@@ -10,8 +10,9 @@
 //! queue is empty, and the call ends when the service has answered everything.
 //!
 //! Delivery is at least once. The captures a broken call left unanswered are sent again on the
-//! next call (after a backoff), up to [`ATTEMPTS`] times in all; a capture the service refuses
-//! is counted as failed and not sent again.
+//! next call (after a backoff); the oldest of them, where the call stopped, is charged an
+//! attempt, and a capture is given up (and counted) after [`ATTEMPTS`]. A capture the service
+//! refuses is counted as failed and not sent again.
 //!
 //! A capture is encoded straight into the gRPC message buffer of the call (the [`EncodeShared`]
 //! codec; its exact encoded size reserved first, so the buffer never grows by copying): the one
@@ -354,14 +355,22 @@ impl Worker {
                 "SubmitStream call to the analysis service broken; unanswered captures will be sent again"
             );
         }
-        for mut queued in unanswered.captures.into_iter().rev() {
-            queued.attempts += 1;
-            if queued.attempts >= ATTEMPTS {
-                self.given_up(&queued, queued.attempts, status);
-            } else {
-                Metrics::add(&self.metrics.captures_forward_retried_total, 1);
-                self.resend.push_front(queued);
+        // Answers come in order, so the call stopped at the oldest unanswered capture: it is
+        // charged the attempt. The others go again uncharged, so that a capture the service
+        // cannot take (it breaks every call) is given up alone, not with those queued behind it.
+        let mut captures = unanswered.captures;
+        if let Some(front) = captures.front_mut() {
+            front.attempts += 1;
+            if front.attempts >= ATTEMPTS {
+                let attempts = front.attempts;
+                if let Some(front) = captures.pop_front() {
+                    self.given_up(&front, attempts, status);
+                }
             }
+        }
+        Metrics::add(&self.metrics.captures_forward_retried_total, captures.len() as u64);
+        for queued in captures.into_iter().rev() {
+            self.resend.push_front(queued);
         }
         CallEnd::Broken
     }
@@ -463,6 +472,8 @@ mod tests {
     /// How the test service behaves.
     #[derive(Clone, Copy, Default)]
     struct Script {
+        /// End every SubmitStream call that this request id comes on, without answering it.
+        breaks_on: Option<&'static str>,
         /// Answer SubmitStream with UNIMPLEMENTED (a service with `Submit` only).
         no_streams: bool,
         /// End the first SubmitStream call with UNAVAILABLE when this many captures came on
@@ -506,6 +517,7 @@ mod tests {
             }
             let call = self.calls.fetch_add(1, Relaxed);
             let break_after = self.script.break_first_call_after.filter(|_| call == 0);
+            let script = self.script;
             let mut captures = request.into_inner();
             let (replies, rx) = mpsc::channel(16);
             let streamed = self.streamed.clone();
@@ -514,7 +526,7 @@ mod tests {
                 while let Ok(Some(capture)) = captures.message().await {
                     received += 1;
                     let id = id(&capture);
-                    if break_after == Some(received) {
+                    if break_after == Some(received) || script.breaks_on == Some(id.as_str()) {
                         let _ = replies.send(Err(Status::unavailable("going away"))).await;
                         return;
                     }
@@ -601,6 +613,19 @@ mod tests {
             50,
             "none stored twice: the broken call stored none of those"
         );
+    }
+
+    #[tokio::test]
+    async fn a_capture_that_breaks_every_call_is_given_up_alone() {
+        let service =
+            Service { script: Script { breaks_on: Some("capture-3"), ..Default::default() }, ..Default::default() };
+        let sent = ids(20);
+        let metrics = deliver(&service, 1, &sent).await;
+        let expected: Vec<String> = sent.iter().filter(|id| *id != "capture-3").cloned().collect();
+        assert_eq!(*service.streamed.lock().unwrap(), expected, "the others stored, in order");
+        assert_eq!(metrics.captures_forward_failed_total.load(Relaxed), 1);
+        assert_eq!(metrics.captures_forwarded_total.load(Relaxed), 19);
+        assert_eq!(service.calls.load(Relaxed), ATTEMPTS as u64 + 1, "one call per attempt, then one for the rest");
     }
 
     #[tokio::test]
