@@ -55,8 +55,8 @@ const LAST_RETRY: Duration = Duration::from_secs(5);
 /// Captures one `SubmitStream` call may have unanswered, and their bytes (encoded): what a
 /// broken call leaves to send again, and how far ahead of a slow service a call runs.
 /// With the default 8 calls, at most 32 MiB in flight on top of the queue's bound.
-pub const CALL_WINDOW_CAPTURES: usize = 64;
-pub const CALL_WINDOW_BYTES: u64 = 4 * 1024 * 1024;
+const CALL_WINDOW_CAPTURES: usize = 64;
+const CALL_WINDOW_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Encodes a shared capture into the call's buffer; decodes the reply with prost.
 #[derive(Debug, Clone, Copy, Default)]
@@ -228,7 +228,6 @@ enum Event {
 struct Worker {
     source: Arc<Source>,
     channel: Channel,
-    metrics: Arc<Metrics>,
     /// Sent on a call that broke before answering them: they go first on the next call.
     resend: VecDeque<Queued>,
     backoff: Duration,
@@ -241,8 +240,7 @@ static FALLBACK_LOG: LazyLock<LogLimiter> = LazyLock::new(LogLimiter::default);
 
 impl Worker {
     fn new(source: Arc<Source>, channel: Channel) -> Self {
-        let metrics = source.metrics.clone();
-        Self { source, channel, metrics, resend: VecDeque::new(), backoff: FIRST_RETRY }
+        Self { source, channel, resend: VecDeque::new(), backoff: FIRST_RETRY }
     }
 
     async fn run(mut self) {
@@ -328,12 +326,12 @@ impl Worker {
 
     fn answered(&self, queued: &Queued, reply: SubmitReply) {
         if reply.refused.is_empty() {
-            Metrics::add(&self.metrics.captures_forwarded_total, 1);
-            Metrics::add(&self.metrics.forwarded_payload_bytes_total, queued.payload);
+            Metrics::add(&self.source.metrics.captures_forwarded_total, 1);
+            Metrics::add(&self.source.metrics.forwarded_payload_bytes_total, queued.payload);
             tracing::debug!(request_id = queued.request_id(), stored_as = %reply.stored_as, "capture forwarded");
             return;
         }
-        Metrics::add(&self.metrics.captures_forward_failed_total, 1);
+        Metrics::add(&self.source.metrics.captures_forward_failed_total, 1);
         if let Some(held_back) = REFUSED_LOG.allow() {
             tracing::error!(
                 also_refused_since_last_error = held_back,
@@ -368,7 +366,7 @@ impl Worker {
                 }
             }
         }
-        Metrics::add(&self.metrics.captures_forward_retried_total, captures.len() as u64);
+        Metrics::add(&self.source.metrics.captures_forward_retried_total, captures.len() as u64);
         for queued in captures.into_iter().rev() {
             self.resend.push_front(queued);
         }
@@ -376,7 +374,7 @@ impl Worker {
     }
 
     fn given_up(&self, queued: &Queued, attempts: u32, status: &Status) {
-        Metrics::add(&self.metrics.captures_forward_failed_total, 1);
+        Metrics::add(&self.source.metrics.captures_forward_failed_total, 1);
         if let Some(held_back) = FAILED_LOG.allow() {
             tracing::error!(
                 also_failed_since_last_error = held_back,
@@ -408,7 +406,7 @@ impl Worker {
                         && attempt < ATTEMPTS =>
                 {
                     tracing::debug!(request_id = queued.request_id(), attempt, error = %status, "analysis service unavailable; retrying");
-                    Metrics::add(&self.metrics.captures_forward_retried_total, 1);
+                    Metrics::add(&self.source.metrics.captures_forward_retried_total, 1);
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }
