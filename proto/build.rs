@@ -6,6 +6,10 @@ use std::{env, io, path::PathBuf};
 
 const PROTOS: &[&str] = &["packetinspector/capture/v1/capture.proto", "packetinspector/analysis/v1/analysis.proto"];
 
+/// Packets are built into one buffer per capture and each record shares it (`Bytes`): no
+/// allocation per packet, and every record is freed with the capture.
+const PCAP_RECORD_DATA: &str = ".packetinspector.analysis.v1.PcapRecord.data";
+
 fn main() -> io::Result<()> {
     let include = PathBuf::from(env::var("CARGO_MANIFEST_DIR").map_err(io::Error::other)?).join("proto");
     for proto in PROTOS {
@@ -13,8 +17,12 @@ fn main() -> io::Result<()> {
     }
     let descriptors = protox::compile(PROTOS, [&include]).map_err(io::Error::other)?;
     if env::var_os("CARGO_FEATURE_GRPC").is_some() {
-        tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(descriptors)
+        tonic_prost_build::configure()
+            .build_client(true)
+            .build_server(true)
+            .bytes(PCAP_RECORD_DATA)
+            .compile_fds(descriptors)
     } else {
-        prost_build::Config::new().compile_fds(descriptors)
+        prost_build::Config::new().bytes([PCAP_RECORD_DATA]).compile_fds(descriptors)
     }
 }

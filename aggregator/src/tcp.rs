@@ -9,6 +9,7 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
+use bytes::{BufMut, BytesMut};
 use etherparse::PacketBuilder;
 use packet_inspector_proto::analysis::PcapRecord;
 
@@ -23,6 +24,8 @@ pub enum Side {
 
 const WINDOW: u16 = 65_535;
 const TTL: u8 = 64;
+/// Ethernet, IPv6 and TCP headers: the most a packet adds to its payload.
+const MAX_HEADERS: usize = 14 + 40 + 20;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build a packet: {0}")]
@@ -74,6 +77,9 @@ pub struct Conversation {
     client: Peer,
     server: Peer,
     records: Vec<PcapRecord>,
+    /// Where packets are built, sized for the whole conversation up front: each record's data
+    /// is a view of it, so the packets of a capture are one allocation.
+    packets: BytesMut,
     last_ns: u64,
 }
 
@@ -109,8 +115,9 @@ impl Conversation {
         if flags.fin {
             tcp = tcp.fin();
         }
-        let mut data = Vec::with_capacity(tcp.size(payload.len()));
-        tcp.write(&mut data, payload).map_err(|err| BuildError(err.to_string()))?;
+        let mut writer = (&mut self.packets).writer();
+        tcp.write(&mut writer, payload).map_err(|err| BuildError(err.to_string()))?;
+        let data = self.packets.split().freeze();
         let sender = match from {
             Side::Client => &mut self.client,
             Side::Server => &mut self.server,
@@ -146,10 +153,14 @@ pub fn conversation(
     seed: u64,
 ) -> Result<Vec<PcapRecord>, BuildError> {
     let (client, server) = same_family(client, server);
+    // Handshake, close and an ACK per burst carry no payload; the rest is one packet per MSS.
+    let payload: usize = pieces.iter().map(|(_, piece)| piece.bytes.len()).sum();
+    let packets = 6 + 2 * pieces.len() + payload / 1440;
     let mut conv = Conversation {
         client: Peer { address: client, mac: mac_for(&client.ip()), next_seq: isn(seed, 1) },
         server: Peer { address: server, mac: mac_for(&server.ip()), next_seq: isn(seed, 2) },
-        records: Vec::new(),
+        records: Vec::with_capacity(packets),
+        packets: BytesMut::with_capacity(payload + packets * MAX_HEADERS),
         last_ns: open_ns,
     };
     let flags = |syn, ack, psh, fin| Flags { syn, ack, psh, fin };
@@ -297,6 +308,29 @@ mod tests {
             assert_eq!(header.header_checksum, header.calc_header_checksum());
             let expected = tcp.to_header().calc_checksum_ipv4(&header, tcp.payload()).unwrap();
             assert_eq!(tcp.checksum(), expected);
+        }
+    }
+
+    #[test]
+    fn the_packets_of_a_conversation_are_one_buffer() {
+        for (client, server) in [("10.0.0.1:40000", "10.0.0.2:80"), ("[fd00::1]:40000", "[fd00::2]:80")] {
+            let (client, server) = (client.parse().unwrap(), server.parse().unwrap());
+            // Sizes around the MSS, one byte pieces, alternating sides: the most packets and
+            // bursts per byte.
+            let bodies: Vec<Vec<u8>> = [1, 1439, 1440, 1441, 1460, 1461, 2921, 65536, 1, 1]
+                .iter()
+                .map(|&len| vec![b'x'; len])
+                .collect();
+            let pieces = bodies
+                .iter()
+                .enumerate()
+                .map(|(n, body)| (if n % 2 == 0 { Side::Client } else { Side::Server }, piece(n as u64 + 10, body)))
+                .collect();
+            let records = conversation(client, server, pieces, 5, 100, 7).unwrap();
+            for pair in records.windows(2) {
+                let end_of_first = pair[0].data.as_ptr().wrapping_add(pair[0].data.len());
+                assert_eq!(end_of_first, pair[1].data.as_ptr(), "{client}: a packet outside the shared buffer");
+            }
         }
     }
 }

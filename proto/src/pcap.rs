@@ -60,7 +60,7 @@ mod tests {
     #[test]
     fn writes_golden_header_and_record() {
         let mut out = Vec::new();
-        let record = PcapRecord { timestamp_ns: 1_675_782_061_987_009_574, data: vec![0xde, 0xad] };
+        let record = PcapRecord { timestamp_ns: 1_675_782_061_987_009_574, data: vec![0xde, 0xad].into() };
         write_file(&mut out, LINKTYPE_ETHERNET, &[record]).unwrap();
         let expected: Vec<u8> = [
             &[0x4d, 0x3c, 0xb2, 0xa1, 2, 0, 4, 0][..],
@@ -76,7 +76,7 @@ mod tests {
 
     #[test]
     fn rejects_records_over_the_snap_length() {
-        let record = PcapRecord { timestamp_ns: 0, data: vec![0; SNAPLEN as usize + 1] };
+        let record = PcapRecord { timestamp_ns: 0, data: vec![0; SNAPLEN as usize + 1].into() };
         let err = write_record(&mut Vec::new(), &record).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
