@@ -44,7 +44,15 @@ fn http_message(message: HttpMessage) -> analysis::HttpMessage {
     let body_size = message.body_len() as u64 + message.truncated_bytes;
     let body = match message.body.len() {
         1 => message.body.into_iter().next().map(|(_, chunk)| chunk).unwrap_or_default(),
-        _ => message.body.into_iter().flat_map(|(_, chunk)| chunk).collect(),
+        _ => {
+            // Envoy hands bodies over in chunks of 16 KiB or less: joined with one copy each,
+            // into a buffer of the final size.
+            let mut body = Vec::with_capacity(message.body_len());
+            for (_, chunk) in &message.body {
+                body.extend_from_slice(chunk);
+            }
+            body
+        }
     };
     analysis::HttpMessage {
         headers: message.headers,
@@ -166,4 +174,31 @@ pub fn build_diameter(exchange: Exchange, node: &str) -> Result<Capture, Capture
         last_segment: true,
         segment_start_ns: open_ns,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(chunks: &[&[u8]], truncated_bytes: u64) -> HttpMessage {
+        HttpMessage {
+            headers: Vec::new(),
+            headers_ns: 1,
+            body: chunks.iter().enumerate().map(|(n, chunk)| (n as u64 + 2, chunk.to_vec())).collect(),
+            truncated_bytes,
+            trailers: Vec::new(),
+            trailers_ns: 0,
+        }
+    }
+
+    #[test]
+    fn the_raw_body_is_the_chunks_in_order_and_its_size_counts_what_was_not_captured() {
+        let raw = http_message(message(&[b"first ", b"", b"second ", &[b'x'; 20_000]], 5));
+        assert_eq!(raw.body.len(), 6 + 7 + 20_000);
+        assert!(raw.body.starts_with(b"first second x"));
+        assert_eq!((raw.body_size, raw.body_truncated), (20_013 + 5, true));
+        let one = http_message(message(&[b"only"], 0));
+        assert_eq!((one.body.as_slice(), one.body_size, one.body_truncated), (&b"only"[..], 4, false));
+        assert!(http_message(message(&[], 0)).body.is_empty());
+    }
 }

@@ -668,7 +668,10 @@ mod tests {
     }
 
     fn capture(bytes: usize) -> Capture {
-        Capture { records: vec![PcapRecord { data: vec![0; bytes].into(), ..Default::default() }], ..Default::default() }
+        Capture {
+            records: vec![PcapRecord { data: vec![0; bytes].into(), ..Default::default() }],
+            ..Default::default()
+        }
     }
 
     fn unreachable_service() -> Channel {

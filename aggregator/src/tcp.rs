@@ -317,10 +317,8 @@ mod tests {
             let (client, server) = (client.parse().unwrap(), server.parse().unwrap());
             // Sizes around the MSS, one byte pieces, alternating sides: the most packets and
             // bursts per byte.
-            let bodies: Vec<Vec<u8>> = [1, 1439, 1440, 1441, 1460, 1461, 2921, 65536, 1, 1]
-                .iter()
-                .map(|&len| vec![b'x'; len])
-                .collect();
+            let bodies: Vec<Vec<u8>> =
+                [1, 1439, 1440, 1441, 1460, 1461, 2921, 65536, 1, 1].iter().map(|&len| vec![b'x'; len]).collect();
             let pieces = bodies
                 .iter()
                 .enumerate()
