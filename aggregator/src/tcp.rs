@@ -47,6 +47,14 @@ fn mac_for(ip: &IpAddr) -> [u8; 6] {
     [0x02, 0x00, tail[0], tail[1], tail[2], tail[3]]
 }
 
+/// The MSS of an Ethernet path (1500-byte MTU) for the address family.
+fn mss_of(address: &SocketAddr) -> usize {
+    match address {
+        SocketAddr::V4(_) => 1460,
+        SocketAddr::V6(_) => 1440,
+    }
+}
+
 /// Both ends must be of one family; a v4 end facing a v6 one is written v4-mapped.
 fn same_family(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
     let to_v6 = |s: SocketAddr| match s.ip() {
@@ -84,13 +92,6 @@ pub struct Conversation {
 }
 
 impl Conversation {
-    fn mss(&self) -> usize {
-        match self.client.address {
-            SocketAddr::V4(_) => 1460,
-            SocketAddr::V6(_) => 1440,
-        }
-    }
-
     fn emit(&mut self, from: Side, at: u64, flags: Flags, payload: &[u8]) -> Result<(), BuildError> {
         let (src, dst) = match from {
             Side::Client => (&self.client, &self.server),
@@ -153,9 +154,11 @@ pub fn conversation(
     seed: u64,
 ) -> Result<Vec<PcapRecord>, BuildError> {
     let (client, server) = same_family(client, server);
-    // Handshake, close and an ACK per burst carry no payload; the rest is one packet per MSS.
+    let mss = mss_of(&client);
+    // At most: 6 for the handshake and the close, for each piece an ACK and a segment beyond
+    // one per full MSS of its bytes.
     let payload: usize = pieces.iter().map(|(_, piece)| piece.bytes.len()).sum();
-    let packets = 6 + 2 * pieces.len() + payload / 1440;
+    let packets = 6 + 2 * pieces.len() + payload / mss;
     let mut conv = Conversation {
         client: Peer { address: client, mac: mac_for(&client.ip()), next_seq: isn(seed, 1) },
         server: Peer { address: server, mac: mac_for(&server.ip()), next_seq: isn(seed, 2) },
@@ -169,7 +172,6 @@ pub fn conversation(
     conv.emit(Side::Client, open_ns, flags(false, true, false, false), &[])?;
 
     pieces.sort_by_key(|(_, piece)| piece.timestamp_ns); // stable: order within a time is kept
-    let mss = conv.mss();
     let mut index = 0;
     while index < pieces.len() {
         let (side, _) = pieces[index];
