@@ -15,9 +15,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Exit code for unusable configuration (sysexits' EX_USAGE).
 const EXIT_CONFIG: i32 = 64;
 
+fn main() {
+    // Before the runtime's threads: this may re-execute the binary.
+    let copies = daemon::tune_copies();
+    serve(copies);
+}
+
 #[tokio::main]
-async fn main() {
+async fn serve(copies: daemon::CopyTuning) {
     daemon::init_logging();
+    copies.log();
     let args = Args::parse();
     if let Err(err) = args.validate() {
         eprintln!("packet-inspector-aggregator: {err}");

@@ -9,9 +9,16 @@ use tokio_util::sync::CancellationToken;
 /// Exit code for unusable configuration (sysexits' EX_USAGE).
 const EXIT_CONFIG: i32 = 64;
 
+fn main() {
+    // Before the runtime's threads: this may re-execute the binary.
+    let copies = daemon::tune_copies();
+    serve(copies);
+}
+
 #[tokio::main]
-async fn main() {
+async fn serve(copies: daemon::CopyTuning) {
     daemon::init_logging();
+    copies.log();
     let args = Args::parse();
     let listener = match TcpListener::bind(&args.listen).await {
         Ok(listener) => listener,
