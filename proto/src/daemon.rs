@@ -51,18 +51,14 @@ pub fn rep_movsb_threshold(tunables: &OsStr) -> Option<String> {
     })
 }
 
-/// `GLIBC_TUNABLES` with the `rep movsb` threshold added, or `None` if it already sets one.
-pub fn with_rep_movsb_threshold(tunables: Option<&OsStr>) -> Option<OsString> {
-    let tunables = tunables.unwrap_or_default();
-    if rep_movsb_threshold(tunables).is_some() {
-        return None;
-    }
-    let mut raised = tunables.to_owned();
+/// `GLIBC_TUNABLES` with [`REP_MOVSB_THRESHOLD`] added after the tunables it already sets.
+pub fn with_rep_movsb_threshold(tunables: Option<&OsStr>) -> OsString {
+    let mut raised = tunables.unwrap_or_default().to_owned();
     if !raised.is_empty() {
         raised.push(":");
     }
     raised.push(format!("{REP_MOVSB_TUNABLE}={REP_MOVSB_THRESHOLD}"));
-    Some(raised)
+    raised
 }
 
 /// Call first in `main`, before any thread starts. On glibc and an AMD (or Hygon) x86-64 CPU,
@@ -79,15 +75,16 @@ pub fn tune_copies() -> CopyTuning {
             return CopyTuning::NotNeeded;
         }
         let current = std::env::var_os("GLIBC_TUNABLES");
-        let Some(raised) = with_rep_movsb_threshold(current.as_deref()) else {
-            return CopyTuning::InEffect(current.as_deref().and_then(rep_movsb_threshold).unwrap_or_default());
-        };
+        if let Some(threshold) = current.as_deref().and_then(rep_movsb_threshold) {
+            return CopyTuning::InEffect(threshold);
+        }
         let mut args = std::env::args_os();
         let mut command = std::process::Command::new("/proc/self/exe");
         if let Some(name) = args.next() {
             command.arg0(name);
         }
         // `exec` returns only if it failed.
+        let raised = with_rep_movsb_threshold(current.as_deref());
         CopyTuning::Failed(command.args(args).env("GLIBC_TUNABLES", raised).exec())
     }
     #[cfg(not(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu")))]
@@ -122,18 +119,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_threshold_is_added_to_other_tunables_and_an_existing_one_is_kept() {
-        assert_eq!(with_rep_movsb_threshold(None).unwrap(), "glibc.cpu.x86_rep_movsb_threshold=0x100000");
+    fn the_threshold_is_added_after_other_tunables_and_an_existing_one_is_found() {
+        assert_eq!(with_rep_movsb_threshold(None), "glibc.cpu.x86_rep_movsb_threshold=0x100000");
         assert_eq!(
-            with_rep_movsb_threshold(Some(OsStr::new("glibc.malloc.arena_max=2"))).unwrap(),
+            with_rep_movsb_threshold(Some(OsStr::new("glibc.malloc.arena_max=2"))),
             "glibc.malloc.arena_max=2:glibc.cpu.x86_rep_movsb_threshold=0x100000"
         );
         let operator = OsStr::new("glibc.malloc.arena_max=2:glibc.cpu.x86_rep_movsb_threshold=4096");
-        assert_eq!(with_rep_movsb_threshold(Some(operator)), None);
         assert_eq!(rep_movsb_threshold(operator).as_deref(), Some("4096"));
+        assert_eq!(rep_movsb_threshold(OsStr::new("glibc.malloc.arena_max=2")), None);
         // A tunable whose name only contains the threshold's is another tunable.
-        let other = OsStr::new("x.glibc.cpu.x86_rep_movsb_threshold=1");
-        assert_eq!(rep_movsb_threshold(other), None);
-        assert!(with_rep_movsb_threshold(Some(other)).is_some());
+        assert_eq!(rep_movsb_threshold(OsStr::new("x.glibc.cpu.x86_rep_movsb_threshold=1")), None);
     }
 }
