@@ -1,8 +1,10 @@
 //! The analysis emulator: stands in for a third-party analysis tool. It serves the
 //! `AnalysisService` contract over TLS (`Submit` and `SubmitStream`) and stores each capture as
 //! `<stem>.bson` and `<stem>.pcap` under an output directory ([`store`], named by [`naming`]).
+//! [`pace`] makes it a slower tool on demand, for load tests of the aggregator.
 
 pub mod naming;
+pub mod pace;
 pub mod store;
 
 use std::{
@@ -22,6 +24,8 @@ use tokio::{net::TcpListener, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::pace::Pacer;
 
 /// Stands in for an analysis tool: a TLS gRPC server that writes one .bson and one .pcap per capture.
 #[derive(Debug, Clone, Parser)]
@@ -44,6 +48,11 @@ pub struct Args {
     /// the count logged at shutdown.
     #[arg(long, env = "PI_DISCARD")]
     pub discard: bool,
+    /// Take at most this many captures a second, over all calls (0: as fast as they are
+    /// stored). Stands in for a slower analysis tool: the aggregator's back-pressure, queue and
+    /// drop counters can then be load-tested at a known multiple of what the service sustains.
+    #[arg(long, env = "PI_MAX_CAPTURES_PER_SECOND", default_value_t = 0)]
+    pub max_captures_per_second: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +73,8 @@ struct Emulator {
     output_dir: Arc<PathBuf>,
     discard: bool,
     discarded: Arc<AtomicU64>,
+    /// `--max-captures-per-second`, when set.
+    pacer: Option<Arc<Pacer>>,
     /// Ends the `SubmitStream` calls, which would otherwise hold a graceful shutdown open.
     shutdown: CancellationToken,
 }
@@ -75,6 +86,13 @@ enum Answer {
 }
 
 impl Emulator {
+    /// Waits for the next capture's turn under `--max-captures-per-second`.
+    async fn take_turn(&self) {
+        if let Some(pacer) = &self.pacer {
+            pacer.wait().await;
+        }
+    }
+
     /// Stores one capture (off the async threads: file writes block), or only counts it with
     /// `--discard`. A capture that cannot be stored is an error status saying why.
     fn start_storing(&self, capture: Capture) -> Answer {
@@ -114,6 +132,7 @@ impl Answer {
 #[tonic::async_trait]
 impl AnalysisService for Emulator {
     async fn submit(&self, request: Request<Capture>) -> Result<Response<SubmitReply>, Status> {
+        self.take_turn().await;
         let stored_as = self.start_storing(request.into_inner()).stored().await?;
         Ok(Response::new(SubmitReply { stored_as, refused: String::new() }))
     }
@@ -142,6 +161,8 @@ impl AnalysisService for Emulator {
                 };
                 match next {
                     Ok(Some(capture)) => {
+                        // Not reading while waiting: HTTP/2 flow control holds the aggregator.
+                        emulator.take_turn().await;
                         if answers.send(Ok(emulator.start_storing(capture))).await.is_err() {
                             return;
                         }
@@ -191,6 +212,7 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         output_dir = %output_dir.display(),
+        max_captures_per_second = args.max_captures_per_second,
         "analysis emulator serving"
     );
     let incoming = tls::serve_incoming(listener, config, shutdown.clone());
@@ -199,6 +221,7 @@ pub async fn run(args: Args, listener: TcpListener, shutdown: CancellationToken)
         output_dir: Arc::new(args.output_dir.clone()),
         discard: args.discard,
         discarded: discarded.clone(),
+        pacer: Pacer::per_second(args.max_captures_per_second).map(Arc::new),
         shutdown: shutdown.clone(),
     };
     tonic::transport::Server::builder()

@@ -13,8 +13,8 @@
 //!    with `h2load`. Envoy CPU per request comes from `/proc/<pid>/stat`. P1 and P2 compare the
 //!    open-loop HTTP/1.1 runs: the same offered load, so the same batching and wake-up
 //!    conditions for every variant.
-//! 2. Overload (see `overload.rs`): the analysis service stopped (SIGSTOP) for a minute under
-//!    as much load as the capture proxy takes.
+//! 2. Overload (see `overload.rs`): the analysis service paced to a twelfth of what the capture
+//!    proxy takes, then stopped (SIGSTOP) for a minute, under as much load as that proxy takes.
 //! 3. Capture latency: sequential requests through the capture sidecar; the time from the end of
 //!    each response to its file appearing at the emulator.
 //! 4. Aggregator ingest: a load generator speaking the filter protocol over real mTLS (many
@@ -667,7 +667,7 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
     let ca = Ca::new("bench mesh CA")?;
     let certs = ca.issue(&dir.join("certs"), &["localhost"])?;
     let (emulator_port, aggregator_port, aggregator_admin) = (free_port()?, free_port()?, free_port()?);
-    spawn_emulator(&mut bench, &release, &certs, emulator_port)?;
+    spawn_emulator(&mut bench, &release, &certs, emulator_port, 0)?;
     let mut aggregator = pinned_idle(1, &release.join("packet-inspector-aggregator"));
     aggregator
         .args([
@@ -801,11 +801,19 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
     })
 }
 
-/// The analysis emulator, discarding what it receives, on core 1.
-pub fn spawn_emulator(bench: &mut Bench, release: &Path, certs: &Path, port: u16) -> Result<u32> {
+/// The analysis emulator, discarding what it receives, on core 1; taking at most
+/// `max_captures_per_second` (0: as many as it is sent).
+pub fn spawn_emulator(
+    bench: &mut Bench,
+    release: &Path,
+    certs: &Path,
+    port: u16,
+    max_captures_per_second: u32,
+) -> Result<u32> {
     let mut emulator = pinned_idle(1, &release.join("packet-inspector-analysis-emulator"));
     emulator
         .args(["--listen", &format!("127.0.0.1:{port}"), "--discard"])
+        .args(["--max-captures-per-second", &max_captures_per_second.to_string()])
         .arg("--tls-cert")
         .arg(certs.join("cert-chain.pem"))
         .arg("--tls-key")
@@ -815,6 +823,15 @@ pub fn spawn_emulator(bench: &mut Bench, release: &Path, certs: &Path, port: u16
     let pid = bench.spawn("emulator", emulator)?;
     wait_for("the emulator", Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).ok())?;
     Ok(pid)
+}
+
+/// Replaces the discarding emulator with another on the same port, taking at most
+/// `max_captures_per_second` (0: no limit); returns its pid.
+pub fn restart_emulator(setup: &mut Setup, max_captures_per_second: u32) -> Result<u32> {
+    if let Some(index) = setup.bench.processes.iter().position(|p| p.name == "emulator") {
+        setup.bench.processes.remove(index).stop(Duration::from_secs(10));
+    }
+    spawn_emulator(&mut setup.bench, &setup.release, &setup.certs, setup.emulator_port, max_captures_per_second)
 }
 
 /// Runs `wrk` (closed loop) on core 1.

@@ -1,12 +1,18 @@
-//! The benchmark's overload part: the analysis service stops answering (SIGSTOP) for
-//! `--stall-seconds` while `wrk` drives the capture proxy as fast as it goes (closed loop), then
-//! resumes (SIGCONT). Sampled every 100 ms: aggregator and Envoy RSS, the aggregator's
-//! forwarding queue and counters. Reported: peaks, requests that failed, drops by stage (filter,
-//! aggregator queue, forwarding given up) checked against the requests the filter saw, and the
-//! recovery time: from the resume until captures reach the analysis service as fast as before the
-//! stall again (over one second, at least 80% of the pre-stall rate). Under a load the pipeline
-//! cannot sustain, "as before" is the pipeline's own maximum: its queue stays full and drops go
-//! on, counted, whether or not the service stalls.
+//! The benchmark's overload part: captures offered at ten times (or more) what the pipeline
+//! sustains, and the analysis service stopped (SIGSTOP) for `--stall-seconds` in the middle.
+//!
+//! One Envoy core cannot offer ten times what the aggregator and emulator forward on this
+//! machine's other core, so the part sets what the pipeline sustains instead: a short
+//! closed-loop probe measures what the capture proxy takes, and the emulator is restarted taking
+//! at most a twelfth of that (`--max-captures-per-second`; a slower analysis tool, as third-party
+//! ones may be). `wrk` then drives the capture proxy as fast as it goes (closed loop) for the
+//! lead, the stall, and a tail after the resume (SIGCONT). Sampled every 100 ms: aggregator and
+//! Envoy RSS, the aggregator's forwarding queue and counters. Reported: peaks, requests that
+//! failed, drops by stage (filter, aggregator queue, forwarding given up) checked against the
+//! requests the filter saw, the load as a multiple of the pace the pipeline kept before the
+//! stall, and the recovery time: from the resume until captures reach the analysis service as
+//! fast as before the stall again (over one second, at least 80% of the pre-stall pace). The
+//! unlimited emulator is back when the part ends.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +26,11 @@ use crate::bench::{rss_bytes, wrk, Options, Setup};
 const LEAD_SECONDS: u64 = 5;
 /// Load after the resume; recovery must happen within it.
 const TAIL_SECONDS: u64 = 15;
+/// The closed-loop probe of what the capture proxy takes.
+const PROBE_SECONDS: u64 = 3;
+/// Offered load over the analysis service's pace: above the 10 the overload is specified at,
+/// with room for the load to come out lower than the probe's.
+const OVERLOAD_FACTOR: f64 = 12.0;
 
 #[derive(Debug, Clone, serde::Serialize)]
 struct Sample {
@@ -34,6 +45,10 @@ struct Sample {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Overload {
     stall_seconds: u64,
+    /// What the capture proxy took in the probe (requests/s).
+    probe_requests_per_second: f64,
+    /// The analysis service's `--max-captures-per-second`.
+    service_pace: u32,
     load_seconds: u64,
     requests: u64,
     failed_requests: u64,
@@ -113,13 +128,44 @@ fn signal(pid: u32, name: &str) -> Result<()> {
 pub fn run(setup: &mut Setup, options: &Options) -> Result<Overload> {
     let (envoy_pid, envoy_admin, ports) =
         setup.under_test.get("capture").context("overload needs the capture variant")?.clone();
-    let emulator_pid = setup
-        .bench
-        .processes
-        .iter()
-        .find(|p| p.name == "emulator")
-        .and_then(|p| p.pid())
-        .context("the discarding emulator is not running")?;
+    let (port, connections) = (ports[0], options.connections);
+    crate::ingest::wait_drained(setup.aggregator_admin).with_context(|| crate::bench::pipeline_state(setup))?;
+    let probe = wrk(port, connections, PROBE_SECONDS)?;
+    if probe.requests_per_second < OVERLOAD_FACTOR {
+        bail!(
+            "the capture proxy took {:.0} requests/s in the overload probe: too few to overload",
+            probe.requests_per_second
+        );
+    }
+    let service_pace = (probe.requests_per_second / OVERLOAD_FACTOR) as u32;
+    eprintln!(
+        "bench: overload: the capture proxy takes {:.0} requests/s; the analysis service now takes at most {service_pace} captures/s",
+        probe.requests_per_second
+    );
+    let pacing = Pacing {
+        emulator_pid: crate::bench::restart_emulator(setup, service_pace)?,
+        probe_requests_per_second: probe.requests_per_second,
+        service_pace,
+    };
+    let result = overload(setup, options, (envoy_pid, envoy_admin, port), &pacing);
+    // The parts after this one need a service that takes everything.
+    crate::bench::restart_emulator(setup, 0)?;
+    result
+}
+
+/// The paced analysis service of the overload.
+struct Pacing {
+    emulator_pid: u32,
+    probe_requests_per_second: f64,
+    service_pace: u32,
+}
+
+fn overload(
+    setup: &mut Setup,
+    options: &Options,
+    (envoy_pid, envoy_admin, port): (u32, u16, u16),
+    pacing: &Pacing,
+) -> Result<Overload> {
     crate::ingest::wait_drained(setup.aggregator_admin).with_context(|| crate::bench::pipeline_state(setup))?;
     let envoy_baseline_rss = match setup.under_test.get("noop") {
         Some((pid, ..)) => rss_bytes(*pid)?,
@@ -131,7 +177,6 @@ pub fn run(setup: &mut Setup, options: &Options) -> Result<Overload> {
 
     let stall = options.stall_seconds;
     let load_seconds = LEAD_SECONDS + stall + TAIL_SECONDS;
-    let port = ports[0];
     let connections = options.connections;
     eprintln!("bench: overload: {load_seconds} s of closed-loop load, the analysis service stopped for {stall} s");
     let load = std::thread::spawn(move || wrk(port, connections, load_seconds));
@@ -144,7 +189,7 @@ pub fn run(setup: &mut Setup, options: &Options) -> Result<Overload> {
     while started.elapsed() < Duration::from_secs(load_seconds) {
         let at = started.elapsed().as_secs_f64();
         if stopped.is_none() && resumed_at.is_none() && at >= LEAD_SECONDS as f64 {
-            stopped = Some(Stopped::stop(emulator_pid)?);
+            stopped = Some(Stopped::stop(pacing.emulator_pid)?);
             eprintln!("bench: overload: analysis service stopped");
         }
         if stopped.is_some() && at >= (LEAD_SECONDS + stall) as f64 {
@@ -199,6 +244,8 @@ pub fn run(setup: &mut Setup, options: &Options) -> Result<Overload> {
     });
     Ok(Overload {
         stall_seconds: stall,
+        probe_requests_per_second: pacing.probe_requests_per_second,
+        service_pace: pacing.service_pace,
         load_seconds,
         requests: result.requests,
         failed_requests: result.failed,
@@ -223,6 +270,8 @@ impl Overload {
     pub fn targets(&self) -> Vec<serde_json::Value> {
         let growth = self.envoy_peak_rss.saturating_sub(self.envoy_baseline_rss) as f64 / MIB;
         vec![
+            json!({"target": "P4", "what": "overload: offered load / the pace the pipeline kept before the stall",
+                "value": self.load_factor(), "limit": 10.0, "at_least": true}),
             json!({"target": "P4", "what": "overload: aggregator peak RSS (MiB)", "value": self.aggregator_peak_rss as f64 / MIB, "limit": 256.0}),
             json!({"target": "P4", "what": "overload: Envoy peak RSS over the no-capture Envoy (MiB)", "value": growth, "limit": 32.0}),
             json!({"target": "P4", "what": "overload: failed client requests", "value": self.failed_requests, "limit": 0.0}),
@@ -231,13 +280,18 @@ impl Overload {
         ]
     }
 
+    /// The load over the pace the pipeline kept before the stall.
+    fn load_factor(&self) -> f64 {
+        self.requests_per_second / self.forwarded_per_second_before.max(1.0)
+    }
+
     pub fn print(&self) {
         println!(
             "\noverload: {} s stall in {} s of closed-loop load: {} requests ({:.0}/s), {} failed; \
              Envoy RSS {:.1} MiB peak (no-capture Envoy {:.1} MiB), aggregator RSS {:.1} MiB peak; \
              captures forwarded {} ({:.0}/s before the stall), dropped by the filter {}, at the \
-             aggregator's queue {}, given up {}; unaccounted {}; load {:.1}x the pipeline's pace; \
-             recovery {}",
+             aggregator's queue {}, given up {}; unaccounted {}; load {:.1}x the pipeline's pace \
+             (the service paced at {}/s, the proxy probed at {:.0}/s); recovery {}",
             self.stall_seconds,
             self.load_seconds,
             self.requests,
@@ -252,7 +306,9 @@ impl Overload {
             self.aggregator_queue_full,
             self.aggregator_forward_failed,
             self.unaccounted,
-            self.requests_per_second / self.forwarded_per_second_before.max(1.0),
+            self.load_factor(),
+            self.service_pace,
+            self.probe_requests_per_second,
             self.recovery_seconds.map_or("none within the load".to_owned(), |s| format!("{s:.1} s")),
         );
     }
