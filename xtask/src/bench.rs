@@ -34,7 +34,7 @@ use serde_json::json;
 
 pub const VARIANTS: [&str; 5] = ["none", "noop", "floor", "capture", "tap"];
 pub const SIZES: [(&str, usize); 2] = [("1KiB", 1024), ("64KiB", 65536)];
-pub const PARTS: [&str; 4] = ["proxy", "overload", "latency", "ingest"];
+pub const PARTS: [&str; 5] = ["filter", "proxy", "overload", "latency", "ingest"];
 
 pub struct Options {
     pub rounds: usize,
@@ -413,6 +413,8 @@ pub fn run(options: &Options) -> Result<()> {
     let out = target_dir().join("bench");
     let dir = out.join(format!("run-{}", SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs()));
     std::fs::create_dir_all(&dir)?;
+    // First, while nothing else runs.
+    let filter_logic = if options.runs("filter") { Some(filter_logic()?) } else { None };
     let mut setup = start(&dir, options)?;
     // This process generates open-loop load and ingest load: off the measured core.
     crate::ingest::pin(std::process::id(), 1)?;
@@ -549,6 +551,7 @@ pub fn run(options: &Options) -> Result<()> {
         out.join("runs.json"),
         serde_json::to_vec_pretty(&json!({
             "runs": runs, "medians": table, "ingest": ingest, "capture_latency": latency, "overload": overload,
+            "filter_logic": filter_logic,
             "rss_bytes_after_proxy_part": rss,
         }))?,
     )?;
@@ -606,6 +609,13 @@ pub fn run(options: &Options) -> Result<()> {
             }
         }
     }
+    if let Some(logic) = &filter_logic {
+        println!(
+            "\nfilter logic per HTTP/1.1 exchange (1 KiB response), native, outside the VM: {:.0} ns, {:.0} bytes sent",
+            logic["nanoseconds_per_exchange"].as_f64().unwrap_or(0.0),
+            logic["bytes_sent_per_exchange"].as_f64().unwrap_or(0.0)
+        );
+    }
     if let Some(overload) = &overload {
         overload.print();
     }
@@ -636,6 +646,23 @@ pub fn run(options: &Options) -> Result<()> {
     }
     println!("\nwritten: {}, {}", out.join("summary.json").display(), out.join("runs.json").display());
     Ok(())
+}
+
+/// The filter part: the module's own logic per exchange, natively, on the core the proxies
+/// use later (see `filter/examples/exchange_cost.rs`). Context for the proxy part, which
+/// measures it inside the VM together with the host calls.
+fn filter_logic() -> Result<serde_json::Value> {
+    let program = target_dir().join("release/examples/exchange_cost");
+    let output = pinned(0, &program).output().with_context(|| format!("running {}", program.display()))?;
+    if !output.status.success() {
+        bail!("{} failed: {}", program.display(), String::from_utf8_lossy(&output.stderr));
+    }
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).context("the filter part's report")?;
+    eprintln!(
+        "bench: filter logic: {:.0} ns per exchange, natively",
+        report["nanoseconds_per_exchange"].as_f64().unwrap_or(0.0)
+    );
+    Ok(report)
 }
 
 /// The filter's and the aggregator's counters, for errors that need them.

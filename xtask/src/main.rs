@@ -52,8 +52,8 @@ enum Task {
         /// Client connections (wrk and h2load).
         #[arg(long, default_value_t = 50)]
         connections: u32,
-        /// Parts to run: proxy, overload, latency, ingest.
-        #[arg(long, value_delimiter = ',', default_value = "proxy,overload,latency,ingest")]
+        /// Parts to run: filter, proxy, overload, latency, ingest.
+        #[arg(long, value_delimiter = ',', default_value = "filter,proxy,overload,latency,ingest")]
         parts: Vec<String>,
         /// Proxy variants to load: none, noop, floor, capture, tap.
         #[arg(long, value_delimiter = ',', default_value = "none,noop,floor,capture,tap")]
@@ -169,6 +169,17 @@ fn main() -> Result<()> {
                 "--bins",
             ]);
             run(release)?;
+            // The filter's logic outside the VM (the `filter` part).
+            let mut filter_logic = cargo();
+            filter_logic.args([
+                "build",
+                "--release",
+                "--package",
+                "packet-inspector-filter",
+                "--example",
+                "exchange_cost",
+            ]);
+            run(filter_logic)?;
             for (feature, dir) in [("noop", "noop"), ("read-floor", "read-floor")] {
                 let mut floor = cargo();
                 floor

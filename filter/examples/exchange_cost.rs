@@ -1,0 +1,175 @@
+//! What the filter's own logic costs per HTTP exchange, natively (outside the Wasm VM), run by
+//! `cargo xtask bench --parts filter`: the host-free code the capture module runs for one
+//! HTTP/1.1 GET with a 1 KiB response (decoding the header pairs Envoy hands over, the start
+//! metadata, encoding the five frames into batches, cutting and acknowledging batches), through
+//! the same `Pipeline` and `HttpTransaction` the module uses, with a host that only counts what
+//! it is sent. What the proxy-wasm host calls cost is measured by the proxy part instead.
+//!
+//! Prints one JSON object: exchanges, nanoseconds per exchange, bytes sent per exchange.
+
+use std::{collections::HashMap, process::ExitCode, time::Instant};
+
+use packet_inspector_filter::{
+    config::Config,
+    metadata, pairs,
+    pipeline::{Counter, Fate, Host, Pipeline},
+    transaction::HttpTransaction,
+};
+use packet_inspector_proto::capture::{BatchAck, Direction, Role, SocketAddress, TransactionMetadata};
+use prost::Message;
+
+const WARM_UP: u64 = 100_000;
+const MEASURED: u64 = 1_000_000;
+
+/// Takes every batch, counting them and their bytes.
+#[derive(Default)]
+struct CountingHost {
+    now_ns: u64,
+    batches: u64,
+    bytes: u64,
+    warnings: Vec<String>,
+}
+
+impl Host for CountingHost {
+    fn now_ns(&self) -> u64 {
+        self.now_ns
+    }
+    fn open_stream(&mut self, _cluster: &str) -> Result<u32, String> {
+        Ok(1)
+    }
+    fn send(&mut self, _token: u32, message: &[u8]) -> Result<(), String> {
+        self.batches += 1;
+        self.bytes += message.len() as u64;
+        Ok(())
+    }
+    fn cancel(&mut self, _token: u32) {}
+    fn count(&mut self, _counter: Counter, _delta: u64) {}
+    fn warn(&mut self, message: &str) {
+        self.warnings.push(message.to_owned());
+    }
+}
+
+struct Exchange {
+    request_headers: Vec<u8>,
+    response_headers: Vec<u8>,
+    body: Vec<u8>,
+    labels: HashMap<String, String>,
+}
+
+impl Exchange {
+    /// What Envoy hands a sidecar's filter for `wrk`'s GET and a 1 KiB answer.
+    fn typical() -> Self {
+        Self {
+            request_headers: pairs::encode(&[
+                (":authority", "127.0.0.1:10000"),
+                (":path", "/"),
+                (":method", "GET"),
+                (":scheme", "http"),
+                ("x-forwarded-proto", "http"),
+                ("x-request-id", "0b6c5a7e-1f1e-4a5b-9d3c-1e2f3a4b5c6d"),
+            ]),
+            response_headers: pairs::encode(&[
+                (":status", "200"),
+                ("content-length", "1024"),
+                ("content-type", "text/plain"),
+                ("date", "Sat, 21 Nov 2026 21:00:00 GMT"),
+                ("server", "envoy"),
+                ("x-envoy-upstream-service-time", "0"),
+            ]),
+            body: vec![b'x'; 1024],
+            labels: [("app", "reviews"), ("version", "v1")].map(|(k, v)| (k.to_owned(), v.to_owned())).into(),
+        }
+    }
+
+    /// Records one exchange as the module's callbacks do, in their order.
+    fn record(&self, pipeline: &mut Pipeline, host: &mut CountingHost, connection_id: u64) -> Result<(), String> {
+        host.now_ns += 1_000;
+        let now = host.now_ns;
+        let request = pairs::decode(&self.request_headers).map_err(|err| format!("{err:?}"))?;
+        let id = pipeline.begin(host).ok_or("the pipeline refused a capture")?;
+        let start = TransactionMetadata {
+            pod_name: "reviews-v1-6464c65b66-4c8jl".into(),
+            namespace: "bookinfo".into(),
+            workload: "reviews-v1".into(),
+            node: String::new(),
+            labels: self.labels.clone(),
+            role: Role::Producer as i32,
+            gateway: false,
+            protocol: metadata::protocol(Some(b"HTTP/1.1"), &request) as i32,
+            downstream_remote: Some(SocketAddress { ip: "10.0.0.7".into(), port: 40_000 }),
+            downstream_local: Some(SocketAddress { ip: "10.0.0.9".into(), port: 9080 }),
+            upstream: None,
+            request_id: metadata::header_value(&request, b"x-request-id")
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .unwrap_or_default()
+                .to_owned(),
+            connection_id,
+            start_time_ns: now,
+        };
+        let mut transaction = HttpTransaction::new(id, 64 * 1024);
+        let fate = pipeline.record(host, Fate::Recording, &transaction.start(now, start));
+        let frame = transaction.headers(now, Direction::Request, &request, true);
+        transaction.fate = pipeline.record(host, fate, &frame);
+        let response = pairs::decode(&self.response_headers).map_err(|err| format!("{err:?}"))?;
+        let frame = transaction.headers(now, Direction::Response, &response, false);
+        transaction.fate = pipeline.record(host, transaction.fate, &frame);
+        if let Some(frame) = transaction.body(now, Direction::Response, &self.body, self.body.len(), true) {
+            transaction.fate = pipeline.record(host, transaction.fate, &frame);
+        }
+        let end = transaction.end(now, Some(SocketAddress { ip: "127.0.0.1".into(), port: 9080 }));
+        if pipeline.record(host, transaction.fate, &end) != Fate::Recording {
+            return Err("a capture was dropped: the benchmark would not measure the whole path".into());
+        }
+        Ok(())
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("exchange_cost: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<serde_json::Value, String> {
+    let config = Config::from_json(br#"{"cluster":"aggregator"}"#).map_err(|err| err.to_string())?;
+    let mut pipeline = Pipeline::new(&config);
+    let mut host = CountingHost::default();
+    pipeline.on_tick(&mut host);
+    let accepted = pairs::encode(&[(":status", "200"), ("content-type", "application/grpc")]);
+    pipeline.on_stream_headers(&mut host, 1, &pairs::decode(&accepted).map_err(|err| format!("{err:?}"))?);
+    if !pipeline.is_ready() {
+        return Err(format!("the stream did not become ready: {:?}", host.warnings));
+    }
+    let exchange = Exchange::typical();
+    let mut acked = 0;
+    let mut measure = |count: u64, host: &mut CountingHost| -> Result<f64, String> {
+        let started = Instant::now();
+        for n in 0..count {
+            exchange.record(&mut pipeline, host, n % 50 + 1)?;
+            // The aggregator acknowledges each batch at once.
+            while acked < host.batches {
+                acked += 1;
+                pipeline.on_stream_message(host, 1, &BatchAck { sequence: acked }.encode_to_vec());
+            }
+        }
+        Ok(started.elapsed().as_nanos() as f64 / count as f64)
+    };
+    measure(WARM_UP, &mut host)?;
+    let bytes_before = host.bytes;
+    let nanoseconds = measure(MEASURED, &mut host)?;
+    if !host.warnings.is_empty() {
+        return Err(format!("the pipeline warned: {:?}", host.warnings));
+    }
+    Ok(serde_json::json!({
+        "exchanges": MEASURED,
+        "nanoseconds_per_exchange": nanoseconds,
+        "bytes_sent_per_exchange": (host.bytes - bytes_before) as f64 / MEASURED as f64,
+    }))
+}
