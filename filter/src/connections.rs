@@ -4,53 +4,58 @@
 //! through Envoy's expression machinery (about as much as the rest of the filter's per-request
 //! work together), so the addresses, the listener direction and the HTTP version are read on the
 //! first request of a connection and kept here, keyed by `connection.id` (unique for the life of
-//! the Envoy process, never reused). The cache is bounded: past `capacity` connections the
+//! the Envoy process, never reused), with the metadata its exchanges share already encoded for
+//! their start frames, and handed to each request by reference count, not copied. The cache is bounded: past `capacity` connections the
 //! oldest entry is forgotten, and a later request of that connection reads the properties again.
 
-use std::collections::{HashMap, VecDeque};
+use std::{
+    collections::{HashMap, VecDeque},
+    rc::Rc,
+};
 
-use packet_inspector_proto::capture::{Role, SocketAddress};
+use crate::wire::SharedMetadata;
 
 /// The facts about one downstream connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionFacts {
     /// `request.protocol` as Envoy reports it (`HTTP/1.1`, `HTTP/2`, ...).
     pub request_protocol: Option<Vec<u8>>,
-    pub role: Role,
-    pub downstream_remote: Option<SocketAddress>,
-    pub downstream_local: Option<SocketAddress>,
+    /// The metadata every exchange of the connection shares (identity, role, addresses),
+    /// encoded for its start frames.
+    pub metadata: SharedMetadata,
 }
 
+/// Facts by connection id, shared with the requests that use them (no copy per request).
 #[derive(Debug)]
-pub struct ConnectionCache {
-    facts: HashMap<u64, ConnectionFacts>,
+pub struct ConnectionCache<T = ConnectionFacts> {
+    facts: HashMap<u64, Rc<T>>,
     /// Connection ids, oldest first.
     order: VecDeque<u64>,
     capacity: usize,
 }
 
-impl ConnectionCache {
+impl<T> ConnectionCache<T> {
     pub fn new(capacity: usize) -> Self {
         Self { facts: HashMap::new(), order: VecDeque::new(), capacity: capacity.max(1) }
     }
 
     /// The facts of connection `id`, read with `read` unless known. Id 0 means Envoy did not say
     /// which connection: they are read every time then.
-    pub fn facts(&mut self, id: u64, read: impl FnOnce() -> ConnectionFacts) -> ConnectionFacts {
+    pub fn facts(&mut self, id: u64, read: impl FnOnce() -> T) -> Rc<T> {
         if id == 0 {
-            return read();
+            return Rc::new(read());
         }
         if let Some(known) = self.facts.get(&id) {
-            return known.clone();
+            return Rc::clone(known);
         }
         if self.order.len() >= self.capacity {
             if let Some(oldest) = self.order.pop_front() {
                 self.facts.remove(&oldest);
             }
         }
-        let facts = read();
+        let facts = Rc::new(read());
         self.order.push_back(id);
-        self.facts.insert(id, facts.clone());
+        self.facts.insert(id, Rc::clone(&facts));
         facts
     }
 
@@ -67,13 +72,9 @@ impl ConnectionCache {
 mod tests {
     use super::*;
 
-    fn facts(port: u32) -> ConnectionFacts {
-        ConnectionFacts {
-            request_protocol: Some(b"HTTP/1.1".to_vec()),
-            role: Role::Consumer,
-            downstream_remote: Some(SocketAddress { ip: "10.0.0.1".into(), port }),
-            downstream_local: None,
-        }
+    /// Stands for what was read about a connection.
+    fn facts(port: u32) -> u32 {
+        port
     }
 
     #[test]
@@ -85,9 +86,11 @@ mod tests {
                 reads += 1;
                 facts(1)
             });
-            assert_eq!(got, facts(1));
+            assert_eq!(*got, facts(1));
         }
         assert_eq!(reads, 1);
+        let (first, again) = (cache.facts(42, || facts(2)), cache.facts(42, || facts(3)));
+        assert!(Rc::ptr_eq(&first, &again), "requests share the facts, not copies");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::{
     pairs::{self, Pair},
     pipeline::{Counter, Fate, Host, Pipeline, METHOD, SERVICE},
     transaction::HttpTransaction,
-    wire::FrameRef,
+    wire::{FrameRef, SharedMetadata, StartRef},
 };
 
 /// Downstream connections whose facts are kept (see [`ConnectionCache`]).
@@ -100,18 +100,37 @@ impl Shared {
 
     /// The id and facts of the current request's downstream connection, from the cache when
     /// known.
-    fn connection(&mut self) -> (u64, ConnectionFacts) {
-        let id = property(&["connection", "id"])
-            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
-            .map_or(0, u64::from_le_bytes);
-        let role = self.config.role;
-        let facts = self.connections.facts(id, || ConnectionFacts {
+    fn connection(&mut self) -> (u64, Rc<ConnectionFacts>) {
+        let id = connection_id();
+        let Self { connections, node, config, .. } = self;
+        let facts = connections.facts(id, || ConnectionFacts {
             request_protocol: property(&["request", "protocol"]),
-            role: read_role(role),
-            downstream_remote: metadata::socket_address(property(&["source", "address"]).as_deref()),
-            downstream_local: metadata::socket_address(property(&["destination", "address"]).as_deref()),
+            metadata: SharedMetadata::encode(&shared_metadata(node, config)),
         });
         (id, facts)
+    }
+}
+
+/// Envoy's id of the current downstream connection; 0 when it does not say.
+fn connection_id() -> u64 {
+    property(&["connection", "id"])
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+/// What every capture of the current connection shares: identity, role, addresses; the
+/// per-exchange fields are left empty.
+fn shared_metadata(node: &NodeIdentity, config: &Config) -> TransactionMetadata {
+    TransactionMetadata {
+        pod_name: node.pod_name.clone(),
+        namespace: node.namespace.clone(),
+        workload: node.workload.clone(),
+        labels: node.labels.clone(),
+        role: read_role(config.role) as i32,
+        gateway: config.gateway,
+        downstream_remote: metadata::socket_address(property(&["source", "address"]).as_deref()),
+        downstream_local: metadata::socket_address(property(&["destination", "address"]).as_deref()),
+        ..Default::default()
     }
 }
 
@@ -251,27 +270,13 @@ fn read_node_identity(config: &Config) -> NodeIdentity {
     NodeIdentity { pod_name: text("NAME"), namespace: text("NAMESPACE"), workload: text("WORKLOAD_NAME"), labels }
 }
 
-/// What every capture of this connection shares: identity, role, protocol, addresses.
-fn connection_metadata(shared: &Shared, protocol: Protocol, now: u64) -> TransactionMetadata {
-    let role = read_role(shared.config.role);
-    let node = &shared.node;
+/// The metadata of a Diameter connection's captures.
+fn diameter_metadata(shared: &Shared, now: u64) -> TransactionMetadata {
     TransactionMetadata {
-        pod_name: node.pod_name.clone(),
-        namespace: node.namespace.clone(),
-        workload: node.workload.clone(),
-        node: String::new(),
-        labels: node.labels.clone(),
-        role: role as i32,
-        gateway: shared.config.gateway,
-        protocol: protocol as i32,
-        downstream_remote: metadata::socket_address(property(&["source", "address"]).as_deref()),
-        downstream_local: metadata::socket_address(property(&["destination", "address"]).as_deref()),
-        upstream: None,
-        request_id: String::new(),
-        connection_id: property(&["connection", "id"])
-            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
-            .map_or(0, u64::from_le_bytes),
+        protocol: Protocol::Diameter as i32,
+        connection_id: connection_id(),
         start_time_ns: now,
+        ..shared_metadata(&shared.node, &shared.config)
     }
 }
 
@@ -302,28 +307,17 @@ impl CaptureHttp {
         let Some(id) = shared.with_pipeline(|p, h| p.begin(h)) else { return };
         let now = now_ns();
         let (connection_id, connection) = shared.connection();
-        let node = &shared.node;
-        let meta = TransactionMetadata {
-            pod_name: node.pod_name.clone(),
-            namespace: node.namespace.clone(),
-            workload: node.workload.clone(),
-            node: String::new(),
-            labels: node.labels.clone(),
-            role: connection.role as i32,
-            gateway: shared.config.gateway,
-            protocol: metadata::protocol(connection.request_protocol.as_deref(), request_headers) as i32,
-            downstream_remote: connection.downstream_remote,
-            downstream_local: connection.downstream_local,
-            upstream: None,
+        let start = StartRef {
+            shared: &connection.metadata,
+            protocol: metadata::protocol(connection.request_protocol.as_deref(), request_headers),
             request_id: metadata::header_value(request_headers, b"x-request-id")
                 .and_then(|v| std::str::from_utf8(v).ok())
-                .unwrap_or_default()
-                .to_owned(),
+                .unwrap_or_default(),
             connection_id,
             start_time_ns: now,
         };
         let mut transaction = HttpTransaction::new(id, shared.config.max_body_bytes);
-        let fate = shared.record(Fate::Recording, &transaction.start(now, meta));
+        let fate = shared.record(Fate::Recording, &transaction.start(now, start));
         let headers = transaction.headers(now, Direction::Request, request_headers, end_of_stream);
         transaction.fate = if fate == Fate::Abandoned { fate } else { shared.record(fate, &headers) };
         self.transaction = Some(transaction);
@@ -476,7 +470,7 @@ impl StreamContext for CaptureDiameter {
         let port = shared.config.diameter_port;
         let local_port = metadata::property_i64(property(&["destination", "port"]).as_deref());
         if port == 0 || local_port == Some(i64::from(port)) {
-            self.metadata = Some(connection_metadata(&shared, Protocol::Diameter, now_ns()));
+            self.metadata = Some(diameter_metadata(&shared, now_ns()));
         }
         Action::Continue
     }

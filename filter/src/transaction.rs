@@ -2,11 +2,13 @@
 //! the per-direction body limit, so truncation is counted exactly (never silent). Header and
 //! body frames borrow what the host handed over (see [`crate::wire`]).
 
-use packet_inspector_proto::capture::{
-    frame::Kind, Direction, EndReason, Frame, SocketAddress, TransactionEnd, TransactionMetadata, TransactionStart,
-};
+use packet_inspector_proto::capture::{frame::Kind, Direction, EndReason, Frame, SocketAddress, TransactionEnd};
 
-use crate::{pairs::Pair, pipeline::Fate, wire::FrameRef};
+use crate::{
+    pairs::Pair,
+    pipeline::Fate,
+    wire::{FrameRef, StartRef},
+};
 
 #[derive(Debug, Default, Clone, Copy)]
 struct DirectionState {
@@ -45,8 +47,8 @@ impl HttpTransaction {
         }
     }
 
-    pub fn start(&self, timestamp_ns: u64, metadata: TransactionMetadata) -> FrameRef<'static> {
-        self.frame(timestamp_ns, Kind::Start(TransactionStart { metadata: Some(metadata) }))
+    pub fn start<'a>(&self, timestamp_ns: u64, start: StartRef<'a>) -> FrameRef<'a> {
+        FrameRef::Start { transaction_id: self.id, timestamp_ns, start }
     }
 
     pub fn headers<'a>(

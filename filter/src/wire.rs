@@ -4,10 +4,12 @@
 //! handed over, borrowed: the header pairs buffer and the body bytes. Building `Frame` messages
 //! first would copy every header name and value into its own allocation only to copy it again
 //! into the batch. The bytes are exactly prost's encoding of the equivalent `Frame` (tested
-//! below), so the contract stays the `.proto`. Rarer frames (starts, ends, Diameter messages)
-//! are built as messages and encoded by prost.
+//! below), so the contract stays the `.proto`. An HTTP exchange's start is encoded from the
+//! metadata its connection shares, encoded once per connection ([`SharedMetadata`]), plus its
+//! own few fields: no per-request copies of names, labels and addresses. Rarer frames (ends,
+//! Diameter messages) are built as messages and encoded by prost.
 
-use packet_inspector_proto::capture::{Direction, Frame};
+use packet_inspector_proto::capture::{Direction, Frame, Protocol, TransactionMetadata};
 use prost::{
     encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType},
     Message,
@@ -23,9 +25,82 @@ pub const BATCH_CAPTURES_DROPPED: u32 = 3;
 /// `Frame` field numbers.
 const FRAME_TRANSACTION_ID: u32 = 1;
 const FRAME_TIMESTAMP: u32 = 2;
+const FRAME_START: u32 = 10;
 const FRAME_HEADERS: u32 = 11;
 const FRAME_BODY: u32 = 12;
 const FRAME_TRAILERS: u32 = 13;
+
+/// `TransactionStart.metadata`.
+const START_METADATA: u32 = 1;
+/// `TransactionMetadata` fields a start frame writes itself.
+const METADATA_PROTOCOL: u32 = 8;
+const METADATA_REQUEST_ID: u32 = 12;
+const METADATA_CONNECTION_ID: u32 = 13;
+const METADATA_START_TIME: u32 = 14;
+
+/// The `TransactionMetadata` fields every exchange of a downstream connection shares, encoded
+/// once: identity, labels, role and gateway (fields 1-7), and the addresses (9-10), apart so
+/// that a start frame writes its protocol (8) between them and the whole comes out in field
+/// order, as prost would write it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SharedMetadata {
+    head: Vec<u8>,
+    addresses: Vec<u8>,
+}
+
+impl SharedMetadata {
+    /// Encodes the shared fields of `metadata`; the per-exchange ones (protocol, upstream,
+    /// request id, connection id, start time) are left out whatever they hold.
+    pub fn encode(metadata: &TransactionMetadata) -> Self {
+        let head = TransactionMetadata {
+            pod_name: metadata.pod_name.clone(),
+            namespace: metadata.namespace.clone(),
+            workload: metadata.workload.clone(),
+            node: metadata.node.clone(),
+            labels: metadata.labels.clone(),
+            role: metadata.role,
+            gateway: metadata.gateway,
+            ..Default::default()
+        };
+        let addresses = TransactionMetadata {
+            downstream_remote: metadata.downstream_remote.clone(),
+            downstream_local: metadata.downstream_local.clone(),
+            ..Default::default()
+        };
+        Self { head: head.encode_to_vec(), addresses: addresses.encode_to_vec() }
+    }
+}
+
+/// What an HTTP exchange's start frame holds beyond its connection's [`SharedMetadata`].
+#[derive(Debug, Clone, Copy)]
+pub struct StartRef<'a> {
+    pub shared: &'a SharedMetadata,
+    pub protocol: Protocol,
+    pub request_id: &'a str,
+    pub connection_id: u64,
+    pub start_time_ns: u64,
+}
+
+impl StartRef<'_> {
+    /// The length of the encoded `TransactionMetadata`.
+    fn metadata_len(&self) -> usize {
+        self.shared.head.len()
+            + varint_field_len(METADATA_PROTOCOL, self.protocol as i32 as u64)
+            + self.shared.addresses.len()
+            + bytes_field_len(METADATA_REQUEST_ID, self.request_id.len())
+            + varint_field_len(METADATA_CONNECTION_ID, self.connection_id)
+            + varint_field_len(METADATA_START_TIME, self.start_time_ns)
+    }
+
+    fn encode_metadata(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.shared.head);
+        put_varint_field(METADATA_PROTOCOL, self.protocol as i32 as u64, out);
+        out.extend_from_slice(&self.shared.addresses);
+        put_bytes_field(METADATA_REQUEST_ID, self.request_id.as_bytes(), out);
+        put_varint_field(METADATA_CONNECTION_ID, self.connection_id, out);
+        put_varint_field(METADATA_START_TIME, self.start_time_ns, out);
+    }
+}
 
 /// One frame, ready to be encoded into a batch.
 // Built on the stack and passed by reference, one at a time: boxing the large variant would
@@ -35,6 +110,8 @@ const FRAME_TRAILERS: u32 = 13;
 pub enum FrameRef<'a> {
     /// A frame built as a message.
     Message(Frame),
+    /// An HTTP exchange's `TransactionStart` frame.
+    Start { transaction_id: u64, timestamp_ns: u64, start: StartRef<'a> },
     /// A `Headers` frame (kind `headers`, or `trailers` when `trailers`).
     Headers {
         transaction_id: u64,
@@ -119,7 +196,8 @@ impl FrameRef<'_> {
     pub fn is_start(&self) -> bool {
         matches!(
             self,
-            FrameRef::Message(Frame { kind: Some(packet_inspector_proto::capture::frame::Kind::Start(_)), .. })
+            FrameRef::Start { .. }
+                | FrameRef::Message(Frame { kind: Some(packet_inspector_proto::capture::frame::Kind::Start(_)), .. })
         )
     }
 
@@ -135,6 +213,9 @@ impl FrameRef<'_> {
     fn parts(&self) -> (u64, u64, u32, usize) {
         match self {
             FrameRef::Message(_) => (0, 0, 0, 0),
+            FrameRef::Start { transaction_id, timestamp_ns, start } => {
+                (*transaction_id, *timestamp_ns, FRAME_START, delimited_len(START_METADATA, start.metadata_len()))
+            }
             FrameRef::Headers { transaction_id, timestamp_ns, trailers, direction, pairs, end_of_stream } => {
                 let headers: usize = pairs.iter().map(|(name, value)| delimited_len(2, header_len(name, value))).sum();
                 let len = varint_field_len(1, *direction as i32 as u64) + headers + bool_field_len(3, *end_of_stream);
@@ -188,6 +269,14 @@ impl FrameRef<'_> {
                 }
                 put_bool_field(3, *end_of_stream, out);
             }
+            FrameRef::Start { start, .. } => {
+                let (id, timestamp, kind, kind_len) = self.parts();
+                put_varint_field(FRAME_TRANSACTION_ID, id, out);
+                put_varint_field(FRAME_TIMESTAMP, timestamp, out);
+                put_delimited_head(kind, kind_len, out);
+                put_delimited_head(START_METADATA, start.metadata_len(), out);
+                start.encode_metadata(out);
+            }
             FrameRef::Body { direction, data, truncated_bytes, end_of_stream, .. } => {
                 let (id, timestamp, kind, kind_len) = self.parts();
                 put_varint_field(FRAME_TRANSACTION_ID, id, out);
@@ -213,7 +302,7 @@ pub fn encode_batch_trailer(sequence: u64, captures_dropped: u64, out: &mut Vec<
 mod tests {
     use super::*;
     use packet_inspector_proto::capture::{
-        frame::Kind, BodyChunk, FrameBatch, Header, Headers, TransactionEnd, TransactionStart,
+        frame::Kind, BodyChunk, FrameBatch, Header, Headers, Role, SocketAddress, TransactionEnd, TransactionStart,
     };
 
     /// A small deterministic generator (xorshift), enough to vary the inputs.
@@ -245,9 +334,39 @@ mod tests {
         [Direction::Unspecified, Direction::Request, Direction::Response][(n % 3) as usize]
     }
 
+    /// Metadata with every field set (the shared ones from `rng`), and what a start frame
+    /// of it holds beyond the shared ones.
+    fn metadata(rng: &mut Rng, labels: usize) -> TransactionMetadata {
+        let text = |rng: &mut Rng| String::from_utf8_lossy(&rng.bytes(30)).into_owned();
+        let address = |rng: &mut Rng| {
+            (!rng.next().is_multiple_of(4)).then(|| SocketAddress { ip: text(rng), port: rng.number() as u32 })
+        };
+        TransactionMetadata {
+            pod_name: text(rng),
+            namespace: text(rng),
+            workload: text(rng),
+            node: text(rng),
+            labels: (0..labels).map(|_| (text(rng), text(rng))).collect(),
+            role: [Role::Unspecified, Role::Consumer, Role::Producer][(rng.next() % 3) as usize] as i32,
+            gateway: rng.next().is_multiple_of(2),
+            protocol: (rng.next() % 5) as i32,
+            downstream_remote: address(rng),
+            downstream_local: address(rng),
+            upstream: None,
+            request_id: text(rng),
+            connection_id: rng.number(),
+            start_time_ns: rng.number(),
+        }
+    }
+
     fn as_prost(frame: &FrameRef<'_>) -> Frame {
         match frame {
             FrameRef::Message(frame) => frame.clone(),
+            FrameRef::Start { .. } => {
+                let mut bytes = Vec::new();
+                frame.encode(&mut bytes);
+                FrameBatch::decode(bytes.as_slice()).unwrap().frames.remove(0)
+            }
             FrameRef::Headers { transaction_id, timestamp_ns, trailers, direction, pairs, end_of_stream } => {
                 let headers = Headers {
                     direction: *direction as i32,
@@ -311,6 +430,59 @@ mod tests {
                 assert_eq!(ours.len(), frame.framed_len());
             }
         }
+    }
+
+    /// A start frame from shared metadata encodes as prost encodes the whole metadata (at most
+    /// one label: a map's entries come in the map's order), and decodes to it with several.
+    #[test]
+    fn start_frames_encode_exactly_as_prost_does() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for case in 0..2000 {
+            let labels = if case % 10 == 0 { 5 } else { (rng.next() % 2) as usize };
+            let metadata = metadata(&mut rng, labels);
+            let shared = SharedMetadata::encode(&metadata);
+            let frame = FrameRef::Start {
+                transaction_id: rng.number(),
+                timestamp_ns: rng.number(),
+                start: StartRef {
+                    shared: &shared,
+                    protocol: metadata.protocol(),
+                    request_id: &metadata.request_id,
+                    connection_id: metadata.connection_id,
+                    start_time_ns: metadata.start_time_ns,
+                },
+            };
+            let (transaction_id, timestamp_ns) = match frame {
+                FrameRef::Start { transaction_id, timestamp_ns, .. } => (transaction_id, timestamp_ns),
+                _ => unreachable!(),
+            };
+            let expected = Frame {
+                transaction_id,
+                timestamp_ns,
+                kind: Some(Kind::Start(TransactionStart { metadata: Some(metadata.clone()) })),
+            };
+            let mut ours = Vec::new();
+            frame.encode(&mut ours);
+            assert_eq!(ours.len(), frame.framed_len());
+            let batch = FrameBatch { sequence: 0, frames: vec![expected.clone()], captures_dropped: 0 };
+            if labels <= 1 {
+                assert_eq!(ours, batch.encode_to_vec(), "{metadata:?}");
+            }
+            assert_eq!(FrameBatch::decode(ours.as_slice()).unwrap(), batch);
+            assert!(frame.is_start() && !frame.is_end());
+        }
+    }
+
+    #[test]
+    fn shared_metadata_leaves_out_what_each_exchange_has_of_its_own() {
+        let mut rng = Rng(7);
+        let mut metadata = metadata(&mut rng, 2);
+        metadata.upstream = Some(SocketAddress { ip: "10.0.0.1".into(), port: 80 });
+        let shared = SharedMetadata::encode(&metadata);
+        let mut other = metadata.clone();
+        (other.protocol, other.upstream, other.request_id, other.connection_id, other.start_time_ns) =
+            (0, None, "another".into(), 99, 1);
+        assert_eq!(SharedMetadata::encode(&other), shared);
     }
 
     #[test]
