@@ -9,7 +9,7 @@
 //! pauses, delays or fails traffic: when the aggregator is absent or slow, captures are dropped
 //! and counted in Envoy's stats.
 //!
-//! Everything but [`plugin`] and [`host`] is host-free and tested natively:
+//! Everything but `plugin` and `host` (the wasm edge) is host-free and tested natively:
 //! [`config`], [`connections`], [`diameter`], [`pairs`], [`metadata`], [`outbox`], [`pipeline`],
 //! [`transaction`], [`wire`].
 

@@ -1,5 +1,5 @@
 //! Turning what Envoy reports (property values, header maps) into the contract's
-//! [`TransactionMetadata`] pieces: node identity, role, addresses, protocol.
+//! [`TransactionMetadata`](packet_inspector_proto::capture::TransactionMetadata) pieces: node identity, role, addresses, protocol.
 
 use std::collections::HashMap;
 
