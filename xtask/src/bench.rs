@@ -743,7 +743,9 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
     let tap_dir = TapDir::create(dir)?;
     let mut under_test = BTreeMap::new();
     let mut wanted: Vec<&str> = VARIANTS.iter().copied().filter(|v| options.variants.iter().any(|w| w == v)).collect();
-    if options.parts.iter().any(|p| p != "proxy" && p != "ingest") && !wanted.contains(&"capture") {
+    if options.parts.iter().any(|p| !["filter", "proxy", "ingest"].contains(&p.as_str()))
+        && !wanted.contains(&"capture")
+    {
         wanted.push("capture");
     }
     for variant in wanted {
