@@ -97,7 +97,7 @@ impl Exchange {
             downstream_local: Some(SocketAddress { ip: "10.0.0.9".into(), port: 9080 }),
             ..Default::default()
         };
-        ConnectionFacts { request_protocol: Some(b"HTTP/1.1".to_vec()), metadata: SharedMetadata::encode(&shared) }
+        ConnectionFacts { request_protocol: Some(b"HTTP/1.1".to_vec()), metadata: SharedMetadata::encode(shared) }
     }
 
     /// Records one exchange as the module's callbacks do, in their order.

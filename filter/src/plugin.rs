@@ -105,7 +105,7 @@ impl Shared {
         let Self { connections, node, config, .. } = self;
         let facts = connections.facts(id, || ConnectionFacts {
             request_protocol: property(&["request", "protocol"]),
-            metadata: SharedMetadata::encode(&shared_metadata(node, config)),
+            metadata: SharedMetadata::encode(shared_metadata(node, config)),
         });
         (id, facts)
     }

@@ -51,22 +51,22 @@ pub struct SharedMetadata {
 impl SharedMetadata {
     /// Encodes the shared fields of `metadata`; the per-exchange ones (protocol, upstream,
     /// request id, connection id, start time) are left out whatever they hold.
-    pub fn encode(metadata: &TransactionMetadata) -> Self {
-        let head = TransactionMetadata {
-            pod_name: metadata.pod_name.clone(),
-            namespace: metadata.namespace.clone(),
-            workload: metadata.workload.clone(),
-            node: metadata.node.clone(),
-            labels: metadata.labels.clone(),
-            role: metadata.role,
-            gateway: metadata.gateway,
-            ..Default::default()
-        };
-        let addresses = TransactionMetadata {
-            downstream_remote: metadata.downstream_remote.clone(),
-            downstream_local: metadata.downstream_local.clone(),
-            ..Default::default()
-        };
+    pub fn encode(metadata: TransactionMetadata) -> Self {
+        let TransactionMetadata {
+            pod_name,
+            namespace,
+            workload,
+            node,
+            labels,
+            role,
+            gateway,
+            downstream_remote,
+            downstream_local,
+            ..
+        } = metadata;
+        let head =
+            TransactionMetadata { pod_name, namespace, workload, node, labels, role, gateway, ..Default::default() };
+        let addresses = TransactionMetadata { downstream_remote, downstream_local, ..Default::default() };
         Self { head: head.encode_to_vec(), addresses: addresses.encode_to_vec() }
     }
 }
@@ -440,7 +440,7 @@ mod tests {
         for case in 0..2000 {
             let labels = if case % 10 == 0 { 5 } else { (rng.next() % 2) as usize };
             let metadata = metadata(&mut rng, labels);
-            let shared = SharedMetadata::encode(&metadata);
+            let shared = SharedMetadata::encode(metadata.clone());
             let frame = FrameRef::Start {
                 transaction_id: rng.number(),
                 timestamp_ns: rng.number(),
@@ -478,11 +478,11 @@ mod tests {
         let mut rng = Rng(7);
         let mut metadata = metadata(&mut rng, 2);
         metadata.upstream = Some(SocketAddress { ip: "10.0.0.1".into(), port: 80 });
-        let shared = SharedMetadata::encode(&metadata);
+        let shared = SharedMetadata::encode(metadata.clone());
         let mut other = metadata.clone();
         (other.protocol, other.upstream, other.request_id, other.connection_id, other.start_time_ns) =
             (0, None, "another".into(), 99, 1);
-        assert_eq!(SharedMetadata::encode(&other), shared);
+        assert_eq!(SharedMetadata::encode(other), shared);
     }
 
     #[test]
