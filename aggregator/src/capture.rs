@@ -15,7 +15,7 @@ use crate::{
     assembly::{HttpMessage, Transaction},
     diameter::{Exchange, Seen},
     http1, http2,
-    tcp::{self, BuildError, Side},
+    tcp::{self, BodyTrail, BuildError, Packets, Piece, Side},
 };
 
 /// Why a transaction could not become a capture.
@@ -38,29 +38,37 @@ fn socket_addr(address: Option<&SocketAddress>) -> Option<SocketAddr> {
     Some(SocketAddr::new(address.ip.parse().ok()?, u16::try_from(address.port).ok()?))
 }
 
-/// The raw message for the analysis service, taking the transaction's bytes (a body that came
-/// in one chunk moves without a copy).
-fn http_message(message: HttpMessage) -> analysis::HttpMessage {
+/// The raw message for the analysis service. Its body goes as the slices of the records that
+/// carry it, when they carry it whole and in order (`in_records`); otherwise inline, taking
+/// the transaction's bytes (a body that came in one chunk moves without a copy).
+fn http_message(message: HttpMessage, in_records: BodyTrail) -> analysis::HttpMessage {
     let body_size = message.body_len() as u64 + message.truncated_bytes;
-    let body = match message.body.len() {
-        1 => message.body.into_iter().next().map(|(_, chunk)| chunk).unwrap_or_default(),
-        _ => {
-            // Envoy hands bodies over in chunks of 16 KiB or less: joined with one copy each,
-            // into a buffer of the final size.
-            let mut body = Vec::with_capacity(message.body_len());
-            for (_, chunk) in &message.body {
-                body.extend_from_slice(chunk);
-            }
-            body
-        }
+    let body_truncated = message.truncated_bytes > 0;
+    let (body, body_in_records) = match in_records.covering(message.body_len()) {
+        Some(slices) => (Vec::new(), slices),
+        None => (inline_body(message.body), Vec::new()),
     };
     analysis::HttpMessage {
         headers: message.headers,
         body,
         trailers: message.trailers,
-        body_truncated: message.truncated_bytes > 0,
+        body_truncated,
         body_size,
+        body_in_records,
     }
+}
+
+fn inline_body(chunks: Vec<(u64, Vec<u8>)>) -> Vec<u8> {
+    if chunks.len() == 1 {
+        return chunks.into_iter().next().map(|(_, chunk)| chunk).unwrap_or_default();
+    }
+    // Envoy hands bodies over in chunks of 16 KiB or less: joined with one copy each, into a
+    // buffer of the final size.
+    let mut body = Vec::with_capacity(chunks.iter().map(|(_, chunk)| chunk.len()).sum());
+    for (_, chunk) in &chunks {
+        body.extend_from_slice(chunk);
+    }
+    body
 }
 
 /// Builds the capture, with the conversation between the downstream peer and the address it
@@ -96,18 +104,18 @@ pub fn build(transaction: Transaction, node: &str) -> Result<Capture, CaptureErr
         ),
         other => return Err(CaptureError::Unsupported(other)),
     };
-    let pieces: Vec<(Side, http1::Piece)> = client_pieces
+    let pieces: Vec<(Side, Piece)> = client_pieces
         .into_iter()
         .map(|p| (Side::Client, p))
         .chain(server_pieces.into_iter().map(|p| (Side::Server, p)))
         .collect();
-    let records =
+    let Packets { records, client_body, server_body } =
         tcp::conversation(client, server, pieces, open_ns, transaction.end_ns, open_ns ^ metadata.connection_id)?;
     Ok(Capture {
         diameter: None,
         http: Some(HttpExchange {
-            request: Some(http_message(transaction.request)),
-            response: transaction.response.map(http_message),
+            request: Some(http_message(transaction.request, client_body)),
+            response: transaction.response.map(|response| http_message(response, server_body)),
         }),
         metadata: Some(metadata),
         link_type: LINKTYPE_ETHERNET,
@@ -139,15 +147,14 @@ pub fn build_diameter(exchange: Exchange, node: &str) -> Result<Capture, Capture
     let server = socket_addr(metadata.downstream_local.as_ref()).unwrap_or(UNKNOWN_SERVER);
     let side =
         |seen: &Seen| if seen.message.direction == Direction::Response as i32 { Side::Server } else { Side::Client };
-    let pieces: Vec<(Side, http1::Piece)> = [&exchange.request, &exchange.answer]
+    // Diameter messages are small: they go inline as well as in the packets.
+    let pieces: Vec<(Side, Piece)> = [&exchange.request, &exchange.answer]
         .into_iter()
         .flatten()
-        .map(|seen| {
-            (side(seen), http1::Piece { timestamp_ns: seen.at_ns, bytes: seen.message.message.as_slice().into() })
-        })
+        .map(|seen| (side(seen), Piece::new(seen.at_ns, seen.message.message.as_slice())))
         .collect();
     let end_ns = exchange.answer.as_ref().map_or(open_ns, |answer| answer.at_ns.max(open_ns));
-    let records = tcp::conversation(client, server, pieces, open_ns, end_ns, open_ns ^ metadata.connection_id)?;
+    let records = tcp::conversation(client, server, pieces, open_ns, end_ns, open_ns ^ metadata.connection_id)?.records;
     let ids = &first.message;
     let diameter = DiameterExchange {
         request: exchange.request.as_ref().map(|r| r.message.message.clone()).unwrap_or_default(),
@@ -179,6 +186,7 @@ pub fn build_diameter(exchange: Exchange, node: &str) -> Result<Capture, Capture
 #[cfg(test)]
 mod tests {
     use super::*;
+    use packet_inspector_proto::capture::{Header, TransactionMetadata};
 
     fn message(chunks: &[&[u8]], truncated_bytes: u64) -> HttpMessage {
         HttpMessage {
@@ -192,13 +200,70 @@ mod tests {
     }
 
     #[test]
-    fn the_raw_body_is_the_chunks_in_order_and_its_size_counts_what_was_not_captured() {
-        let raw = http_message(message(&[b"first ", b"", b"second ", &[b'x'; 20_000]], 5));
+    fn an_inline_body_is_the_chunks_in_order_and_its_size_counts_what_was_not_captured() {
+        let inline = |m| http_message(m, BodyTrail::default());
+        let raw = inline(message(&[b"first ", b"", b"second ", &[b'x'; 20_000]], 5));
         assert_eq!(raw.body.len(), 6 + 7 + 20_000);
         assert!(raw.body.starts_with(b"first second x"));
         assert_eq!((raw.body_size, raw.body_truncated), (20_013 + 5, true));
-        let one = http_message(message(&[b"only"], 0));
+        let one = inline(message(&[b"only"], 0));
         assert_eq!((one.body.as_slice(), one.body_size, one.body_truncated), (&b"only"[..], 4, false));
-        assert!(http_message(message(&[], 0)).body.is_empty());
+        let empty = inline(message(&[], 0));
+        assert!(empty.body.is_empty() && empty.body_in_records.is_empty());
+    }
+
+    fn transaction(protocol: Protocol, status: &[u8], response_body: &[&[u8]]) -> Transaction {
+        let header = |name: &str, value: &[u8]| Header { name: name.into(), value: value.to_vec() };
+        let mut request = message(&[b"request ", b"body"], 0);
+        request.headers = vec![header(":method", b"POST"), header(":path", b"/"), header(":authority", b"svc")];
+        let mut response = message(response_body, 0);
+        response.headers = vec![header(":status", status)];
+        Transaction {
+            metadata: TransactionMetadata { protocol: protocol as i32, start_time_ns: 1, ..Default::default() },
+            request,
+            response: Some(response),
+            end_ns: 9,
+            end_reason: EndReason::Complete,
+            segment: 1,
+            last_segment: true,
+            segment_start_ns: 1,
+        }
+    }
+
+    #[test]
+    fn bodies_the_packets_carry_are_sent_once_as_slices_of_the_records() {
+        let big: Vec<u8> = (0..40_000u32).map(|n| (n % 253) as u8).collect();
+        for protocol in [Protocol::Http1, Protocol::Http2] {
+            let capture = build(transaction(protocol, b"200", &[b"small ", &big]), "node").unwrap();
+            let http = capture.http.as_ref().unwrap();
+            for (message, expected) in
+                [(&http.request, [&b"request body"[..]].concat()), (&http.response, [&b"small "[..], &big].concat())]
+            {
+                let message = message.as_ref().unwrap();
+                assert!(message.body.is_empty() && !message.body_in_records.is_empty(), "{protocol:?}: not inline");
+                assert_eq!(
+                    message.captured_body(&capture.records).unwrap().as_ref(),
+                    expected.as_slice(),
+                    "{protocol:?}"
+                );
+                assert_eq!(message.captured_body_len(), expected.len() as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn bodies_the_packets_do_not_carry_as_they_are_go_inline() {
+        // A 204 carries no body on the wire; the proxy still reported one.
+        let capture = build(transaction(Protocol::Http1, b"204", &[b"not ", b"sent"]), "node").unwrap();
+        let response = capture.http.as_ref().unwrap().response.as_ref().unwrap();
+        assert_eq!((response.body.as_slice(), response.body_in_records.len()), (&b"not sent"[..], 0));
+        // A truncated gRPC body, cut to whole messages in the packets.
+        let mut cut = transaction(Protocol::Grpc, b"200", &[&[0, 0, 0, 0, 2, b'o', b'k', 0, 0, 0, 0, 9, b'x']]);
+        let response = cut.response.as_mut().unwrap();
+        response.headers.push(Header { name: b"content-type".to_vec(), value: b"application/grpc".to_vec() });
+        response.truncated_bytes = 8;
+        let capture = build(cut, "node").unwrap();
+        let response = capture.http.as_ref().unwrap().response.as_ref().unwrap();
+        assert_eq!((response.body.len(), response.body_in_records.len()), (13, 0));
     }
 }

@@ -185,7 +185,7 @@ fn queue_depth<T>(queue: &mpsc::Sender<T>) -> u64 {
 
 fn payload_bytes(capture: &Capture) -> u64 {
     capture.http.as_ref().map_or(0, |http| {
-        [http.request.as_ref(), http.response.as_ref()].into_iter().flatten().map(|m| m.body.len() as u64).sum()
+        [http.request.as_ref(), http.response.as_ref()].into_iter().flatten().map(|m| m.captured_body_len()).sum()
     })
 }
 

@@ -11,18 +11,14 @@ use std::borrow::Cow;
 
 use packet_inspector_proto::capture::Header;
 
-use crate::{assembly::HttpMessage, wire};
+use crate::{
+    assembly::HttpMessage,
+    tcp::{BodySpan, Piece},
+    wire,
+};
 
 /// Header added when the body was cut by the filter's limit.
 pub const TRUNCATED_HEADER: &str = "x-packet-inspector-truncated";
-
-/// A run of bytes the proxy saw at `timestamp_ns`; body bytes are borrowed from the
-/// transaction where the framing leaves them as they are.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Piece<'a> {
-    pub timestamp_ns: u64,
-    pub bytes: Cow<'a, [u8]>,
-}
 
 fn is_pseudo(header: &Header) -> bool {
     header.name.first() == Some(&b':')
@@ -91,18 +87,22 @@ fn message_pieces<'a>(
         write_header(&mut head, TRUNCATED_HEADER.as_bytes(), note.as_bytes());
     }
     head.extend_from_slice(b"\r\n");
-    let mut pieces = vec![Piece { timestamp_ns: message.headers_ns, bytes: head.into() }];
+    let mut pieces = vec![Piece::new(message.headers_ns, head)];
+    let mut body_offset = 0;
     for (at, chunk) in &message.body {
-        let bytes = match framing {
+        let (bytes, start) = match framing {
             Framing::Chunked => {
                 let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
+                let start = framed.len();
                 framed.extend_from_slice(chunk);
                 framed.extend_from_slice(b"\r\n");
-                Cow::Owned(framed)
+                (Cow::Owned(framed), start)
             }
-            _ => Cow::Borrowed(chunk.as_slice()),
+            _ => (Cow::Borrowed(chunk.as_slice()), 0),
         };
-        pieces.push(Piece { timestamp_ns: *at, bytes });
+        let body = vec![BodySpan { body_offset, within: start..start + chunk.len() }];
+        body_offset += chunk.len();
+        pieces.push(Piece { timestamp_ns: *at, bytes, body });
     }
     if let Framing::Chunked = framing {
         let mut last = b"0\r\n".to_vec();
@@ -115,7 +115,7 @@ fn message_pieces<'a>(
         } else {
             message.trailers_ns
         };
-        pieces.push(Piece { timestamp_ns: at, bytes: last.into() });
+        pieces.push(Piece::new(at, last));
     }
     pieces
 }
@@ -135,7 +135,7 @@ fn bodyless_pieces(mut head: Vec<u8>, message: &HttpMessage) -> Vec<Piece<'stati
         );
     }
     head.extend_from_slice(b"\r\n");
-    vec![Piece { timestamp_ns: message.headers_ns, bytes: head.into() }]
+    vec![Piece::new(message.headers_ns, head)]
 }
 
 fn pseudo<'a>(message: &'a HttpMessage, name: &[u8]) -> Option<&'a [u8]> {

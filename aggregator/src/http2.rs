@@ -17,7 +17,13 @@
 
 use packet_inspector_proto::capture::Header;
 
-use crate::{assembly::HttpMessage, hpack, http1::Piece, http1::TRUNCATED_HEADER, wire};
+use crate::{
+    assembly::HttpMessage,
+    hpack,
+    http1::TRUNCATED_HEADER,
+    tcp::{BodySpan, Piece},
+    wire,
+};
 
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// SETTINGS_MAX_FRAME_SIZE's default, which both sides keep.
@@ -194,21 +200,25 @@ fn message_pieces(message: &HttpMessage, blocks: &Blocks, aborted: bool, max_fra
         chunks.is_empty() && blocks.trailers.is_none() && !aborted,
         max_frame_size,
     );
-    let mut pieces = vec![Piece { timestamp_ns: message.headers_ns, bytes: head.into() }];
+    let mut pieces = vec![Piece::new(message.headers_ns, head)];
     let last_chunk = chunks.len().saturating_sub(1);
+    let mut body_offset = 0;
     for (index, (at, chunk)) in chunks.iter().enumerate() {
         let mut bytes = Vec::with_capacity(chunk.len() + 9 * (chunk.len() / max_frame_size + 1));
         let frames: Vec<&[u8]> = chunk.chunks(max_frame_size).collect();
+        let mut body = Vec::with_capacity(frames.len());
         for (n, data) in frames.iter().enumerate() {
             let last = index == last_chunk && n + 1 == frames.len() && blocks.trailers.is_none() && !aborted;
             frame(&mut bytes, DATA, if last { END_STREAM } else { 0 }, STREAM, data);
+            body.push(BodySpan { body_offset, within: bytes.len() - data.len()..bytes.len() });
+            body_offset += data.len();
         }
-        pieces.push(Piece { timestamp_ns: *at, bytes: bytes.into() });
+        pieces.push(Piece { timestamp_ns: *at, bytes: bytes.into(), body });
     }
     if let Some(trailers) = &blocks.trailers {
         let mut bytes = Vec::new();
         header_frames(&mut bytes, trailers, true, max_frame_size);
-        pieces.push(Piece { timestamp_ns: message.trailers_ns, bytes: bytes.into() });
+        pieces.push(Piece::new(message.trailers_ns, bytes));
     }
     pieces
 }
@@ -236,14 +246,13 @@ pub fn conversation(
     settings(&mut start, false, response_frame_size);
     let mut ack = Vec::new();
     frame(&mut ack, SETTINGS, ACK, 0, &[]);
-    let mut client =
-        vec![Piece { timestamp_ns: open_ns, bytes: start.into() }, Piece { timestamp_ns: open_ns, bytes: ack.into() }];
+    let mut client = vec![Piece::new(open_ns, start), Piece::new(open_ns, ack)];
     client.extend(message_pieces(request, &request_blocks, !complete, request_frame_size));
 
     let mut start = Vec::new();
     settings(&mut start, true, request_frame_size);
     frame(&mut start, SETTINGS, ACK, 0, &[]);
-    let mut server = vec![Piece { timestamp_ns: open_ns, bytes: start.into() }];
+    let mut server = vec![Piece::new(open_ns, start)];
     match (response, &response_blocks) {
         (Some(response), Some(blocks)) => {
             server.extend(message_pieces(response, blocks, !complete, response_frame_size))
@@ -251,7 +260,7 @@ pub fn conversation(
         _ => {
             let mut reset = Vec::new();
             frame(&mut reset, RST_STREAM, 0, STREAM, &0x8u32.to_be_bytes());
-            server.push(Piece { timestamp_ns: end_ns, bytes: reset.into() });
+            server.push(Piece::new(end_ns, reset));
         }
     }
     (client, server)

@@ -7,13 +7,78 @@
 //! streaming) comes out as it happened. Timestamps never go backwards: a record is never
 //! earlier than the one before it.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::{
+    borrow::Cow,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    ops::Range,
+};
 
 use bytes::{BufMut, BytesMut};
 use etherparse::PacketBuilder;
-use packet_inspector_proto::analysis::PcapRecord;
+use packet_inspector_proto::analysis::{PcapRecord, RecordSlice};
 
-use crate::http1::Piece;
+/// A run of bytes one end sent, as the proxy saw it at `timestamp_ns`; body bytes are borrowed
+/// from the transaction where the framing leaves them as they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece<'a> {
+    pub timestamp_ns: u64,
+    pub bytes: Cow<'a, [u8]>,
+    /// Where bytes of the sending message's captured body lie in `bytes`: the conversation
+    /// reports where they land in the records ([`Packets::client_body`]), so the analysis
+    /// service gets the body from the packets rather than a second time.
+    pub body: Vec<BodySpan>,
+}
+
+impl<'a> Piece<'a> {
+    /// A piece without body bytes (a head, framing, a handshake).
+    pub fn new(timestamp_ns: u64, bytes: impl Into<Cow<'a, [u8]>>) -> Self {
+        Self { timestamp_ns, bytes: bytes.into(), body: Vec::new() }
+    }
+}
+
+/// Body bytes within a piece: `bytes[within]` is the captured body from `body_offset` on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodySpan {
+    pub body_offset: usize,
+    pub within: Range<usize>,
+}
+
+/// Where one side's body bytes went in the records, in the order they were sent.
+#[derive(Debug, Default)]
+pub struct BodyTrail {
+    slices: Vec<RecordSlice>,
+    /// The body offset the next slice must start at for the slices to read as the body.
+    next: usize,
+    /// A slice arrived out of body order or did not fit the contract's `u32`s.
+    broken: bool,
+}
+
+impl BodyTrail {
+    fn add(&mut self, body_offset: usize, record: usize, offset: usize, length: usize) {
+        let slice = (u32::try_from(record), u32::try_from(offset), u32::try_from(length));
+        match slice {
+            (Ok(record), Ok(offset), Ok(length)) if body_offset == self.next => {
+                self.slices.push(RecordSlice { record, offset, length });
+                self.next += length as usize;
+            }
+            _ => self.broken = true,
+        }
+    }
+
+    /// The slices, when concatenated they are exactly a body of `len` bytes; otherwise the
+    /// body must be sent as it is.
+    pub fn covering(self, len: usize) -> Option<Vec<RecordSlice>> {
+        (!self.broken && self.next == len).then_some(self.slices)
+    }
+}
+
+/// A synthesized conversation: its records, and where each side's body lies in them.
+#[derive(Debug, Default)]
+pub struct Packets {
+    pub records: Vec<PcapRecord>,
+    pub client_body: BodyTrail,
+    pub server_body: BodyTrail,
+}
 
 /// Which end sent a piece.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +157,8 @@ pub struct Conversation {
 }
 
 impl Conversation {
-    fn emit(&mut self, from: Side, at: u64, flags: Flags, payload: &[u8]) -> Result<(), BuildError> {
+    /// Appends a packet; returns the length of its headers (where the payload starts in it).
+    fn emit(&mut self, from: Side, at: u64, flags: Flags, payload: &[u8]) -> Result<usize, BuildError> {
         let (src, dst) = match from {
             Side::Client => (&self.client, &self.server),
             Side::Server => (&self.server, &self.client),
@@ -119,6 +185,7 @@ impl Conversation {
         let mut writer = (&mut self.packets).writer();
         tcp.write(&mut writer, payload).map_err(|err| BuildError(err.to_string()))?;
         let data = self.packets.split().freeze();
+        let headers = data.len() - payload.len();
         let sender = match from {
             Side::Client => &mut self.client,
             Side::Server => &mut self.server,
@@ -129,7 +196,7 @@ impl Conversation {
         let timestamp_ns = at.max(self.last_ns);
         self.last_ns = timestamp_ns;
         self.records.push(PcapRecord { timestamp_ns, data });
-        Ok(())
+        Ok(headers)
     }
 }
 
@@ -141,7 +208,8 @@ fn v6(ip: IpAddr) -> Ipv6Addr {
 }
 
 /// Builds the whole conversation. `open_ns` is when the connection is shown opening,
-/// `close_ns` when it is shown closing; `seed` makes the initial sequence numbers stable.
+/// `close_ns` when it is shown closing; `seed` makes the initial sequence numbers stable. The
+/// pieces' body spans come back as slices of the records, per side.
 ///
 /// # Errors
 /// [`BuildError`] when a packet cannot be built (it never is for MSS-sized segments).
@@ -152,7 +220,7 @@ pub fn conversation(
     open_ns: u64,
     close_ns: u64,
     seed: u64,
-) -> Result<Vec<PcapRecord>, BuildError> {
+) -> Result<Packets, BuildError> {
     let (client, server) = same_family(client, server);
     let mss = mss_of(&client);
     // At most: 6 for the handshake and the close, for each piece an ACK and a segment beyond
@@ -167,6 +235,7 @@ pub fn conversation(
         last_ns: open_ns,
     };
     let flags = |syn, ack, psh, fin| Flags { syn, ack, psh, fin };
+    let (mut client_body, mut server_body) = (BodyTrail::default(), BodyTrail::default());
     conv.emit(Side::Client, open_ns, flags(true, false, false, false), &[])?;
     conv.emit(Side::Server, open_ns, flags(true, true, false, false), &[])?;
     conv.emit(Side::Client, open_ns, flags(false, true, false, false), &[])?;
@@ -178,10 +247,27 @@ pub fn conversation(
         // A burst: consecutive pieces from one side, acknowledged once by the other.
         let mut last_at = open_ns;
         while let Some((_, piece)) = pieces.get(index).filter(|(s, _)| *s == side) {
-            let segments: Vec<&[u8]> = piece.bytes.chunks(mss).collect();
-            for (n, segment) in segments.iter().enumerate() {
-                let last = n + 1 == segments.len();
-                conv.emit(side, piece.timestamp_ns, flags(false, true, last, false), segment)?;
+            let segments = piece.bytes.len().div_ceil(mss);
+            for (n, segment) in piece.bytes.chunks(mss).enumerate() {
+                let last = n + 1 == segments;
+                let headers = conv.emit(side, piece.timestamp_ns, flags(false, true, last, false), segment)?;
+                let start = n * mss;
+                let trail = match side {
+                    Side::Client => &mut client_body,
+                    Side::Server => &mut server_body,
+                };
+                for span in &piece.body {
+                    let (from, to) = (span.within.start.max(start), span.within.end.min(start + segment.len()));
+                    if from < to {
+                        let record = conv.records.len() - 1;
+                        trail.add(
+                            span.body_offset + (from - span.within.start),
+                            record,
+                            headers + from - start,
+                            to - from,
+                        );
+                    }
+                }
             }
             last_at = piece.timestamp_ns;
             index += 1;
@@ -196,7 +282,7 @@ pub fn conversation(
     conv.emit(Side::Client, close_ns, flags(false, true, false, true), &[])?;
     conv.emit(Side::Server, close_ns, flags(false, true, false, true), &[])?;
     conv.emit(Side::Client, close_ns, flags(false, true, false, false), &[])?;
-    Ok(conv.records)
+    Ok(Packets { records: conv.records, client_body, server_body })
 }
 
 #[cfg(test)]
@@ -205,7 +291,7 @@ mod tests {
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
     fn piece(at: u64, bytes: &[u8]) -> Piece<'static> {
-        Piece { timestamp_ns: at, bytes: bytes.to_vec().into() }
+        Piece::new(at, bytes.to_vec())
     }
 
     struct Seen {
@@ -244,7 +330,8 @@ mod tests {
             30,
             42,
         )
-        .unwrap();
+        .unwrap()
+        .records;
         let seen: Vec<Seen> = records.iter().map(parse).collect();
         // SYN, SYN-ACK, ACK, request, ACK, 3 response segments, ACK, FIN, FIN, ACK.
         assert_eq!(seen.len(), 12);
@@ -268,7 +355,7 @@ mod tests {
     fn syn_golden_bytes() {
         let client: SocketAddr = "10.0.0.1:40000".parse().unwrap();
         let server: SocketAddr = "10.0.0.2:80".parse().unwrap();
-        let records = conversation(client, server, vec![], 7, 8, 42).unwrap();
+        let records = conversation(client, server, vec![], 7, 8, 42).unwrap().records;
         let isn = isn(42, 1).to_be_bytes();
         #[rustfmt::skip]
         let expected: Vec<u8> = [
@@ -290,7 +377,7 @@ mod tests {
     fn ipv6_and_mixed_families() {
         let client: SocketAddr = "[fd00::1]:40000".parse().unwrap();
         let server: SocketAddr = "10.0.0.2:80".parse().unwrap();
-        let records = conversation(client, server, vec![(Side::Client, piece(1, b"hi"))], 0, 2, 1).unwrap();
+        let records = conversation(client, server, vec![(Side::Client, piece(1, b"hi"))], 0, 2, 1).unwrap().records;
         let packet = SlicedPacket::from_ethernet(&records[3].data).unwrap();
         let Some(NetSlice::Ipv6(ip)) = packet.net else { panic!("not v6") };
         assert_eq!(ip.header().destination_addr(), "::ffff:10.0.0.2".parse::<Ipv6Addr>().unwrap());
@@ -300,7 +387,8 @@ mod tests {
     fn checksums_are_valid() {
         let client: SocketAddr = "192.0.2.1:1234".parse().unwrap();
         let server: SocketAddr = "192.0.2.2:80".parse().unwrap();
-        let records = conversation(client, server, vec![(Side::Client, piece(1, b"payload"))], 0, 2, 7).unwrap();
+        let records =
+            conversation(client, server, vec![(Side::Client, piece(1, b"payload"))], 0, 2, 7).unwrap().records;
         for record in &records {
             let packet = SlicedPacket::from_ethernet(&record.data).unwrap();
             let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(tcp))) = (packet.net, packet.transport) else {
@@ -326,11 +414,54 @@ mod tests {
                 .enumerate()
                 .map(|(n, body)| (if n % 2 == 0 { Side::Client } else { Side::Server }, piece(n as u64 + 10, body)))
                 .collect();
-            let records = conversation(client, server, pieces, 5, 100, 7).unwrap();
+            let records = conversation(client, server, pieces, 5, 100, 7).unwrap().records;
             for pair in records.windows(2) {
                 let end_of_first = pair[0].data.as_ptr().wrapping_add(pair[0].data.len());
                 assert_eq!(end_of_first, pair[1].data.as_ptr(), "{client}: a packet outside the shared buffer");
             }
         }
+    }
+
+    /// A body in two pieces, framed (a prefix and suffix around each part, as chunked HTTP/1.1
+    /// or HTTP/2 DATA frames have), the second part crossing several segment boundaries.
+    fn framed_body(first: &[u8], second: &[u8]) -> Vec<(Side, Piece<'static>)> {
+        let framed = |part: &[u8], body_offset: usize| {
+            let bytes = [b"<frame>".as_slice(), part, b"</frame>"].concat();
+            Piece { body: vec![BodySpan { body_offset, within: 7..7 + part.len() }], ..Piece::new(20, bytes) }
+        };
+        vec![
+            (Side::Client, piece(10, b"GET / HTTP/1.1\r\n\r\n")),
+            (Side::Server, piece(20, b"HTTP/1.1 200 OK\r\n\r\n")),
+            (Side::Server, framed(first, 0)),
+            (Side::Server, framed(second, first.len())),
+        ]
+    }
+
+    #[test]
+    fn body_spans_come_back_as_record_slices_that_read_as_the_body() {
+        let body: Vec<u8> = (0..5000u32).map(|n| (n % 251) as u8).collect();
+        let (first, second) = body.split_at(1453);
+        for (client, server) in [("10.0.0.1:40000", "10.0.0.2:80"), ("[fd00::1]:40000", "[fd00::2]:80")] {
+            let (client, server) = (client.parse().unwrap(), server.parse().unwrap());
+            let packets = conversation(client, server, framed_body(first, second), 5, 100, 7).unwrap();
+            let slices = packets.server_body.covering(body.len()).expect("the body lies whole in the records");
+            assert!(slices.len() >= 4, "the second part crosses segments: {slices:?}");
+            let message =
+                packet_inspector_proto::analysis::HttpMessage { body_in_records: slices, ..Default::default() };
+            assert_eq!(message.captured_body(&packets.records).unwrap().as_ref(), body.as_slice(), "{client}");
+            assert_eq!(packets.client_body.covering(0), Some(vec![]), "the request has no body");
+        }
+    }
+
+    #[test]
+    fn a_body_whose_spans_are_not_in_order_or_whole_is_not_reported() {
+        let client: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let server: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let mut pieces = framed_body(b"first", b"second");
+        pieces.swap(2, 3);
+        let packets = conversation(client, server, pieces, 5, 100, 7).unwrap();
+        assert_eq!(packets.server_body.covering(11), None, "second part sent first");
+        let packets = conversation(client, server, framed_body(b"first", b"second"), 5, 100, 7).unwrap();
+        assert_eq!(packets.server_body.covering(12), None, "the body has a byte the records lack");
     }
 }

@@ -147,11 +147,23 @@ fn check(protocol: Protocol, decode_as: Option<&str>) {
     let seed = 0x5eed_0000 + protocol as u64;
     let mut rng = Rng(seed);
     let mut records: Vec<PcapRecord> = Vec::new();
+    let mut bodies_in_records = 0;
     for number in 0..CASES {
-        let capture = capture::build(case(&mut rng, number, protocol), "node")
-            .unwrap_or_else(|err| panic!("seed {seed:#x} case {number}: {err}"));
+        let transaction = case(&mut rng, number, protocol);
+        let joined = |m: &HttpMessage| m.body.iter().flat_map(|(_, chunk)| chunk.iter().copied()).collect::<Vec<u8>>();
+        let expected = [Some(joined(&transaction.request)), transaction.response.as_ref().map(joined)];
+        let capture =
+            capture::build(transaction, "node").unwrap_or_else(|err| panic!("seed {seed:#x} case {number}: {err}"));
+        // The body reaches the analysis service whole, whether inline or as slices of the records.
+        let http = capture.http.as_ref().expect("an HTTP capture");
+        for (message, expected) in [&http.request, &http.response].into_iter().zip(expected) {
+            let body = message.as_ref().map(|m| m.captured_body(&capture.records).map(|b| b.into_owned()));
+            assert_eq!(body.transpose(), Ok(expected), "seed {seed:#x} case {number}: the body");
+            bodies_in_records += message.as_ref().map_or(0, |m| usize::from(!m.body_in_records.is_empty()));
+        }
         records.extend(capture.records);
     }
+    assert!(bodies_in_records > CASES as usize / 2, "only {bodies_in_records} bodies went as slices of the records");
     let path = std::env::temp_dir().join(format!("pi-property-{}-{}.pcap", protocol.as_str_name(), std::process::id()));
     pcap::write_file(&mut std::fs::File::create(&path).unwrap(), pcap::LINKTYPE_ETHERNET, &records).unwrap();
     let bad = tshark::read_filtered(

@@ -106,7 +106,7 @@ impl Emulator {
                 tracing::info!(file = %stem, "capture stored");
                 Ok(stem)
             }
-            Err(err @ (store::StoreError::NoMetadata | store::StoreError::NoExchange)) => {
+            Err(err @ (store::StoreError::NoMetadata | store::StoreError::NoExchange | store::StoreError::Body(_))) => {
                 tracing::warn!(error = %err, "capture refused");
                 Err(Status::invalid_argument(err.to_string()))
             }

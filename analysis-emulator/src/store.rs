@@ -10,7 +10,8 @@ use std::{
 
 use bson::{doc, spec::BinarySubtype, Binary, Bson, Document};
 use packet_inspector_proto::{
-    analysis::{Capture, DiameterExchange, HttpMessage},
+    analysis::{Capture, DiameterExchange, HttpMessage, PcapRecord},
+    body::BodyError,
     capture::{Direction, Header, SocketAddress, TransactionMetadata},
     pcap,
 };
@@ -27,6 +28,8 @@ pub enum StoreError {
     Io { path: PathBuf, source: io::Error },
     #[error("cannot encode BSON: {0}")]
     Bson(#[from] bson::error::Error),
+    #[error("capture body: {0}")]
+    Body(#[from] BodyError),
 }
 
 fn binary(bytes: &[u8]) -> Bson {
@@ -51,14 +54,15 @@ fn headers(headers: &[Header]) -> Bson {
     )
 }
 
-fn message(message: &HttpMessage) -> Document {
-    doc! {
+/// The message's document; its body read from the records when the aggregator sent it there.
+fn message(message: &HttpMessage, records: &[PcapRecord]) -> Result<Document, StoreError> {
+    Ok(doc! {
         "headers": headers(&message.headers),
-        "body": binary(&message.body),
+        "body": binary(&message.captured_body(records)?),
         "trailers": headers(&message.trailers),
         "bodyTruncated": message.body_truncated,
         "bodySize": message.body_size as i64,
-    }
+    })
 }
 
 fn address(address: Option<&SocketAddress>) -> Bson {
@@ -118,8 +122,13 @@ pub fn document(capture: &Capture) -> Result<Document, StoreError> {
     let mut document = doc! { "metadata": metadata(meta) };
     match (&capture.http, &capture.diameter) {
         (Some(http), _) => {
-            document.insert("request", http.request.as_ref().map_or(Bson::Null, |m| Bson::Document(message(m))));
-            document.insert("response", http.response.as_ref().map_or(Bson::Null, |m| Bson::Document(message(m))));
+            for (name, part) in [("request", &http.request), ("response", &http.response)] {
+                let part = match part {
+                    Some(part) => Bson::Document(message(part, &capture.records)?),
+                    None => Bson::Null,
+                };
+                document.insert(name, part);
+            }
         }
         (None, Some(exchange)) => {
             document.insert("diameter", diameter(exchange));

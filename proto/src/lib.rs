@@ -1,7 +1,8 @@
 //! The project's two wire contracts, generated from the `.proto` files under `proto/proto/`
 //! (the single source of truth; read them for the semantics of every field), plus what both
 //! ends of a contract need alike: the libpcap file layout of [`analysis::Capture`] records
-//! ([`pcap`]) and, with the `grpc` feature, TLS for the gRPC servers and clients ([`tls`]) and
+//! ([`pcap`]), an HTTP message's body sent inline or as slices of those records ([`body`]),
+//! and, with the `grpc` feature, TLS for the gRPC servers and clients ([`tls`]) and
 //! the daemons' shared start-up ([`daemon`]).
 //!
 //! - [`capture`]: filter → aggregator, a bidirectional stream of frame batches and acks.
@@ -28,6 +29,7 @@ pub use packetinspector::analysis::v1 as analysis;
 /// `packetinspector.capture.v1`: frames of HTTP transactions as the filter saw them.
 pub use packetinspector::capture::v1 as capture;
 
+pub mod body;
 pub mod pcap;
 
 #[cfg(feature = "grpc")]
