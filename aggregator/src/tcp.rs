@@ -256,6 +256,7 @@ pub fn conversation(
                     Side::Client => &mut client_body,
                     Side::Server => &mut server_body,
                 };
+                // The body bytes in this segment, as a slice of the record just emitted.
                 for span in &piece.body {
                     let (from, to) = (span.within.start.max(start), span.within.end.min(start + segment.len()));
                     if from < to {
