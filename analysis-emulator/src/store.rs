@@ -181,3 +181,66 @@ pub fn store(dir: &Path, capture: &Capture) -> Result<String, StoreError> {
     write_atomically(dir, &format!("{stem}.pcap"), |out| pcap::write_file(out, capture.link_type, &capture.records))?;
     Ok(stem)
 }
+
+#[cfg(test)]
+mod tests {
+    use packet_inspector_proto::analysis::{HttpExchange, RecordSlice};
+
+    use super::*;
+
+    /// A capture whose response body is in its one record, at `slice`.
+    fn capture(slice: RecordSlice) -> Capture {
+        let metadata = TransactionMetadata {
+            pod_name: "web-0".into(),
+            request_id: "req-1".into(),
+            start_time_ns: 7,
+            ..Default::default()
+        };
+        Capture {
+            metadata: Some(metadata),
+            http: Some(HttpExchange {
+                request: Some(HttpMessage { body: b"inline request".to_vec(), ..Default::default() }),
+                response: Some(HttpMessage { body_in_records: vec![slice], ..Default::default() }),
+            }),
+            link_type: pcap::LINKTYPE_ETHERNET,
+            records: vec![PcapRecord { timestamp_ns: 7, data: b"headers|the response body".to_vec().into() }],
+            ..Default::default()
+        }
+    }
+
+    fn empty_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pi-store-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn body(document: &Document, message: &str) -> Vec<u8> {
+        match document.get_document(message).unwrap().get("body") {
+            Some(Bson::Binary(binary)) => binary.bytes.clone(),
+            other => panic!("{message} body: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_body_sent_as_record_slices_is_stored_whole_in_the_bson() {
+        let dir = empty_dir("slices");
+        let stem = store(&dir, &capture(RecordSlice { record: 0, offset: 8, length: 17 })).unwrap();
+        let bytes = fs::read(dir.join(format!("{stem}.bson"))).unwrap();
+        let document = Document::from_reader(bytes.as_slice()).unwrap();
+        assert_eq!(body(&document, "response"), b"the response body");
+        assert_eq!(body(&document, "request"), b"inline request");
+        assert!(dir.join(format!("{stem}.pcap")).exists());
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_slice_outside_the_records_refuses_the_capture_and_writes_nothing() {
+        let dir = empty_dir("bad-slice");
+        let err = store(&dir, &capture(RecordSlice { record: 0, offset: 8, length: 18 })).unwrap_err();
+        assert!(matches!(err, StoreError::Body(BodyError::OutOfRecord { .. })), "{err}");
+        assert!(err.to_string().contains("overruns record 0"), "{err}");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "nothing written");
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
