@@ -38,13 +38,29 @@ fn socket_addr(address: Option<&SocketAddress>) -> Option<SocketAddr> {
     Some(SocketAddr::new(address.ip.parse().ok()?, u16::try_from(address.port).ok()?))
 }
 
+/// How HTTP bodies go to the analysis service (`--inline-bodies`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BodyForm {
+    /// As slices of the records that carry them (`HttpMessage.body_in_records`), so their bytes
+    /// are sent once; inline when the packets do not carry them as they are.
+    #[default]
+    InRecords,
+    /// Always inline in `HttpMessage.body`, as well as in the packets: for analysis tools that
+    /// read only `body`.
+    Inline,
+}
+
 /// The raw message for the analysis service. Its body goes as the slices of the records that
-/// carry it, when they carry it whole and in order (`in_records`); otherwise inline, taking
-/// the transaction's bytes (a body that came in one chunk moves without a copy).
-fn http_message(message: HttpMessage, in_records: BodyTrail) -> analysis::HttpMessage {
+/// carry it, when they carry it whole and in order (`in_records`) and `form` allows; otherwise
+/// inline, taking the transaction's bytes (a body that came in one chunk moves without a copy).
+fn http_message(message: HttpMessage, in_records: BodyTrail, form: BodyForm) -> analysis::HttpMessage {
     let body_size = message.body_len() as u64 + message.truncated_bytes;
     let body_truncated = message.truncated_bytes > 0;
-    let (body, body_in_records) = match in_records.covering(message.body_len()) {
+    let slices = match form {
+        BodyForm::InRecords => in_records.covering(message.body_len()),
+        BodyForm::Inline => None,
+    };
+    let (body, body_in_records) = match slices {
         Some(slices) => (Vec::new(), slices),
         None => (inline_body(message.body), Vec::new()),
     };
@@ -76,7 +92,7 @@ fn inline_body(chunks: Vec<(u64, Vec<u8>)>) -> Vec<u8> {
 ///
 /// # Errors
 /// [`CaptureError`] for protocols not synthesized yet, or a packet that cannot be built.
-pub fn build(transaction: Transaction, node: &str) -> Result<Capture, CaptureError> {
+pub fn build(transaction: Transaction, node: &str, bodies: BodyForm) -> Result<Capture, CaptureError> {
     let mut metadata = transaction.metadata;
     let protocol = metadata.protocol();
     if metadata.node.is_empty() {
@@ -114,8 +130,8 @@ pub fn build(transaction: Transaction, node: &str) -> Result<Capture, CaptureErr
     Ok(Capture {
         diameter: None,
         http: Some(HttpExchange {
-            request: Some(http_message(transaction.request, client_body)),
-            response: transaction.response.map(|response| http_message(response, server_body)),
+            request: Some(http_message(transaction.request, client_body, bodies)),
+            response: transaction.response.map(|response| http_message(response, server_body, bodies)),
         }),
         metadata: Some(metadata),
         link_type: LINKTYPE_ETHERNET,
@@ -201,7 +217,7 @@ mod tests {
 
     #[test]
     fn an_inline_body_is_the_chunks_in_order_and_its_size_counts_what_was_not_captured() {
-        let inline = |m| http_message(m, BodyTrail::default());
+        let inline = |m| http_message(m, BodyTrail::default(), BodyForm::InRecords);
         let raw = inline(message(&[b"first ", b"", b"second ", &[b'x'; 20_000]], 5));
         assert_eq!(raw.body.len(), 6 + 7 + 20_000);
         assert!(raw.body.starts_with(b"first second x"));
@@ -234,7 +250,8 @@ mod tests {
     fn bodies_the_packets_carry_are_sent_once_as_slices_of_the_records() {
         let big: Vec<u8> = (0..40_000u32).map(|n| (n % 253) as u8).collect();
         for protocol in [Protocol::Http1, Protocol::Http2] {
-            let capture = build(transaction(protocol, b"200", &[b"small ", &big]), "node").unwrap();
+            let capture =
+                build(transaction(protocol, b"200", &[b"small ", &big]), "node", BodyForm::InRecords).unwrap();
             let http = capture.http.as_ref().unwrap();
             for (message, expected) in
                 [(&http.request, [&b"request body"[..]].concat()), (&http.response, [&b"small "[..], &big].concat())]
@@ -254,7 +271,8 @@ mod tests {
     #[test]
     fn bodies_the_packets_do_not_carry_as_they_are_go_inline() {
         // A 204 carries no body on the wire; the proxy still reported one.
-        let capture = build(transaction(Protocol::Http1, b"204", &[b"not ", b"sent"]), "node").unwrap();
+        let capture =
+            build(transaction(Protocol::Http1, b"204", &[b"not ", b"sent"]), "node", BodyForm::InRecords).unwrap();
         let response = capture.http.as_ref().unwrap().response.as_ref().unwrap();
         assert_eq!((response.body.as_slice(), response.body_in_records.len()), (&b"not sent"[..], 0));
         // A truncated gRPC body, cut to whole messages in the packets.
@@ -262,8 +280,19 @@ mod tests {
         let response = cut.response.as_mut().unwrap();
         response.headers.push(Header { name: b"content-type".to_vec(), value: b"application/grpc".to_vec() });
         response.truncated_bytes = 8;
-        let capture = build(cut, "node").unwrap();
+        let capture = build(cut, "node", BodyForm::InRecords).unwrap();
         let response = capture.http.as_ref().unwrap().response.as_ref().unwrap();
         assert_eq!((response.body.len(), response.body_in_records.len()), (13, 0));
+    }
+
+    #[test]
+    fn inline_bodies_go_inline_even_when_the_packets_carry_them() {
+        let capture =
+            build(transaction(Protocol::Http1, b"200", &[b"in ", b"both"]), "node", BodyForm::Inline).unwrap();
+        let http = capture.http.as_ref().unwrap();
+        for (message, body) in [(&http.request, &b"request body"[..]), (&http.response, b"in both")] {
+            let message = message.as_ref().unwrap();
+            assert_eq!((message.body.as_slice(), message.body_in_records.len()), (body, 0));
+        }
     }
 }

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     assembly::{Limits, Segmenting},
+    capture::BodyForm,
     config::Args,
     forwarder::Forwarder,
     metrics::Metrics,
@@ -102,6 +103,7 @@ pub async fn run(
         },
         diameter_answer_timeout_ns: args.diameter_answer_timeout_ms.saturating_mul(1_000_000),
         node: args.node_name.clone(),
+        bodies: if args.inline_bodies { BodyForm::Inline } else { BodyForm::InRecords },
         shutdown: shutdown.clone(),
     };
     tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), analysis = %args.analysis_address, "aggregator serving");

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     assembly::{Assembler, Limits, Transaction},
-    capture::{self, CaptureError},
+    capture::{self, BodyForm, CaptureError},
     diameter::{Exchange, Pairer},
     forwarder::Forwarder,
     metrics::{LogLimiter, Metrics},
@@ -31,6 +31,7 @@ pub struct CaptureServer {
     pub diameter_answer_timeout_ns: u64,
     /// The node this aggregator runs on, for captures whose proxy did not say.
     pub node: String,
+    pub bodies: BodyForm,
     pub shutdown: CancellationToken,
 }
 
@@ -52,6 +53,7 @@ struct StreamTask {
     forwarder: Forwarder,
     metrics: Arc<Metrics>,
     node: String,
+    bodies: BodyForm,
     peer: String,
 }
 
@@ -73,7 +75,7 @@ impl StreamTask {
     }
 
     fn finish(&self, transaction: Transaction) {
-        self.deliver(capture::build(transaction, &self.node), "transaction");
+        self.deliver(capture::build(transaction, &self.node, self.bodies), "transaction");
     }
 
     fn finish_diameter(&self, exchanges: Vec<Exchange>) {
@@ -130,6 +132,7 @@ impl CaptureService for CaptureServer {
             forwarder: self.forwarder.clone(),
             metrics: self.metrics.clone(),
             node: self.node.clone(),
+            bodies: self.bodies,
             peer,
         };
         let (limits, shutdown, diameter_timeout) =

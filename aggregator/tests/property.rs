@@ -14,7 +14,7 @@ mod common;
 use common::grpc_message;
 use packet_inspector_aggregator::{
     assembly::{HttpMessage, Transaction},
-    capture,
+    capture::{self, BodyForm},
 };
 use packet_inspector_proto::{
     analysis::PcapRecord,
@@ -152,8 +152,8 @@ fn check(protocol: Protocol, decode_as: Option<&str>) {
         let transaction = case(&mut rng, number, protocol);
         let joined = |m: &HttpMessage| m.body.iter().flat_map(|(_, chunk)| chunk.iter().copied()).collect::<Vec<u8>>();
         let expected = [Some(joined(&transaction.request)), transaction.response.as_ref().map(joined)];
-        let capture =
-            capture::build(transaction, "node").unwrap_or_else(|err| panic!("seed {seed:#x} case {number}: {err}"));
+        let capture = capture::build(transaction, "node", BodyForm::InRecords)
+            .unwrap_or_else(|err| panic!("seed {seed:#x} case {number}: {err}"));
         // The body reaches the analysis service whole, whether inline or as slices of the records.
         let http = capture.http.as_ref().expect("an HTTP capture");
         for (message, expected) in [&http.request, &http.response].into_iter().zip(expected) {

@@ -41,7 +41,7 @@ fn transaction(client: (&str, u32), server: (&str, u32), request: HttpMessage, r
 }
 
 fn write(name: &str, transaction: Transaction) -> std::path::PathBuf {
-    let capture = capture::build(transaction, "node-a").unwrap();
+    let capture = capture::build(transaction, "node-a", capture::BodyForm::InRecords).unwrap();
     let path = std::env::temp_dir().join(format!("pi-synthesis-{name}-{}.pcap", std::process::id()));
     let mut file = std::fs::File::create(&path).unwrap();
     pcap::write_file(&mut file, capture.link_type, &capture.records).unwrap();

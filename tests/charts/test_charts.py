@@ -130,6 +130,7 @@ def refusal(chart, values):
         ("manifests/charts/packet-inspector", {"service": {"port": "15500"}}, "port"),
         ("manifests/charts/packet-inspector", {"servce": {}}, "servce"),
         ("manifests/charts/packet-inspector", {"analysis": {"address": "no-port"}}, "address"),
+        ("manifests/charts/packet-inspector", {"analysis": {"inlineBodies": "yes"}}, "inlineBodies"),
         ("manifests/charts/packet-inspector", {"service": {"ipFamilies": ["IPv5"]}}, "ipFamilies"),
         ("manifests/charts/packet-inspector-1-filter", {}, "sha256"),
         ("manifests/charts/packet-inspector-1-filter", {"module": {"sha256": "xyz"}}, "sha256"),
@@ -164,6 +165,16 @@ def test_default_names_meet():
         "address": f"{aggregator_service['metadata']['name']}.istio-system.svc.cluster.local",
         "port_value": aggregator_service["spec"]["ports"][0]["port"],
     }
+
+
+def test_inline_bodies_is_a_flag_of_the_aggregator():
+    """Bodies go as slices of the packets unless the values ask for them inline."""
+    def args(values):
+        _, objects = render("manifests/charts/packet-inspector", "packet-inspector-1-aggregator", "istio-system", values)
+        return next(o for o in objects if o["kind"] == "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    assert "--inline-bodies" not in args({})
+    assert "--inline-bodies" in args({"analysis": {"inlineBodies": True}})
 
 
 def test_filter_instance_scopes():
