@@ -6,6 +6,10 @@
 //! Pieces of both directions are merged by time, so any interleaving (an early response,
 //! streaming) comes out as it happened. Timestamps never go backwards: a record is never
 //! earlier than the one before it.
+//!
+//! Where a piece carries body bytes of its message ([`BodySpan`]), the conversation reports
+//! where they landed in the records ([`BodyTrail`]), so the analysis service can be sent the
+//! body as slices of the packets instead of a second copy.
 
 use std::{
     borrow::Cow,
