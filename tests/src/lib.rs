@@ -70,6 +70,32 @@ pub fn free_port() -> Result<u16> {
     bail!("no free TCP port between {LOWEST} and {ephemeral_low} on loopback")
 }
 
+thread_local! {
+    /// The last panic on this thread, as the panic hook printed it.
+    static LAST_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Makes every panic also remembered (per thread) by [`last_panic`], keeping the default report.
+///
+/// A failing end-to-end test prints its components' logs while it unwinds, after the panic
+/// message; a CI report that keeps only the end of the output would then show logs without the
+/// failure. Owners of processes repeat the message after the logs with this.
+pub fn remember_panics() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            LAST_PANIC.with(|last| *last.borrow_mut() = Some(info.to_string()));
+            previous(info);
+        }));
+    });
+}
+
+/// The message of the last panic on this thread, once [`remember_panics`] was called.
+pub fn last_panic() -> Option<String> {
+    LAST_PANIC.with(|last| last.borrow().clone())
+}
+
 /// Polls `check` until it returns `Some`, or fails after `timeout` saying what was awaited.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;

@@ -164,6 +164,7 @@ fn unique_dir() -> Result<PathBuf> {
 impl Mesh {
     /// Starts everything and waits until each part is ready.
     pub fn start(options: MeshOptions) -> Result<Self> {
+        crate::remember_panics();
         let dir = unique_dir()?;
         let output_dir = options.output_dir.clone().unwrap_or_else(|| dir.join("captures"));
         std::fs::create_dir_all(&output_dir)?;
@@ -619,6 +620,9 @@ impl Drop for Mesh {
                 self.dir.display(),
                 self.log_tails(40)
             );
+            if let Some(message) = crate::last_panic().filter(|_| std::thread::panicking()) {
+                eprintln!("end-to-end failure, repeated after the logs: {message}");
+            }
         } else {
             for slot in [
                 &mut self.client_envoy,

@@ -83,11 +83,20 @@ impl Process {
         child.wait().ok()
     }
 
-    /// The last `lines` lines of the log.
+    /// The last `lines` lines of the log, each cut to 400 characters (Envoy's startup lines
+    /// list every extension and would crowd out the rest of a failure report).
     pub fn tail(&self, lines: usize) -> String {
+        const WIDTH: usize = 400;
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        all[all.len().saturating_sub(lines)..]
+            .iter()
+            .map(|line| match line.char_indices().nth(WIDTH) {
+                Some((cut, _)) => format!("{}…", &line[..cut]),
+                None => (*line).to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     pub fn log_text(&self) -> String {
