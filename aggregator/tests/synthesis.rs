@@ -40,11 +40,18 @@ fn transaction(client: (&str, u32), server: (&str, u32), request: HttpMessage, r
     }
 }
 
-fn write(name: &str, transaction: Transaction) -> std::path::PathBuf {
+/// The pcap file of `transaction`, under the temporary directory.
+fn synthesize(name: &str, transaction: Transaction) -> std::path::PathBuf {
     let capture = capture::build(transaction, "node-a", capture::BodyForm::InRecords).unwrap();
     let path = std::env::temp_dir().join(format!("pi-synthesis-{name}-{}.pcap", std::process::id()));
     let mut file = std::fs::File::create(&path).unwrap();
     pcap::write_file(&mut file, capture.link_type, &capture.records).unwrap();
+    path
+}
+
+/// As [`synthesize`], and tshark reads the file as it is without a complaint.
+fn write(name: &str, transaction: Transaction) -> std::path::PathBuf {
+    let path = synthesize(name, transaction);
     assert_eq!(tshark::problems(&path).unwrap(), Vec::<String>::new(), "{name}: tshark complaints");
     path
 }
@@ -258,5 +265,42 @@ fn diameter_exchange_decodes_on_3868_without_options() {
     let (hbh, e2e) = (format!("{:#010x}", 1857878061u32), format!("{:#010x}", 1339708294u32));
     assert_eq!(rows[0][..5], ["45000", "272", "1", &hbh, &e2e]);
     assert_eq!(rows[1][..6], ["3868", "272", "0", &hbh, &e2e, "2001"]);
+    std::fs::remove_file(path).unwrap();
+}
+
+/// The client's port is whatever its kernel picked, and Wireshark gives a few such ports to other
+/// protocols, trying them before its HTTP heuristic: from 34980 (EtherCAT's) to an unassigned
+/// server port, the exchange reads as EtherCAT. HTTP on the server port, found from the file as
+/// the README says, reads it as the HTTP it is. (Seen in CI: a consumer capture from an
+/// application that happened to connect from 34980.)
+#[test]
+fn a_client_port_wireshark_assigns_elsewhere_reads_as_http_with_the_servers_rule() {
+    let request = HttpMessage {
+        headers: vec![header(":method", "GET"), header(":path", "/status/404"), header(":authority", "reviews:9080")],
+        headers_ns: 1_700_000_000_001_000_000,
+        ..Default::default()
+    };
+    let response = HttpMessage {
+        headers: vec![header(":status", "404"), header("content-length", "11")],
+        headers_ns: 1_700_000_000_002_000_000,
+        body: vec![(1_700_000_000_003_000_000, b"status 404\n".to_vec())],
+        ..Default::default()
+    };
+    let path = synthesize("ecat-port", transaction(("127.0.0.1", 34980), ("127.0.0.1", 15439), request, response));
+    assert!(tshark::fields(&path, "http", &["frame.number"]).unwrap().is_empty(), "read as it is: not HTTP");
+    let rule = tshark::decode_rule(&path, "http").unwrap();
+    assert_eq!(rule, "tcp.port==15439,http");
+    let requests = tshark::fields_decoded(
+        &path,
+        &rule,
+        "http.request",
+        &["tcp.srcport", "http.request.method", "http.request.uri"],
+    )
+    .unwrap();
+    assert_eq!(requests, vec![vec!["34980", "GET", "/status/404"]]);
+    let responses =
+        tshark::fields_decoded(&path, &rule, "http.response", &["http.response.code", "http.file_data"]).unwrap();
+    assert_eq!(responses, vec![vec!["404", "status 404\n"]]);
+    assert_eq!(tshark::problems_decoded(&path, Some(&rule)).unwrap(), Vec::<String>::new());
     std::fs::remove_file(path).unwrap();
 }

@@ -565,11 +565,12 @@ impl Mesh {
         })
     }
 
-    /// The "decode as" rule for an HTTP/2 capture of `role` (tshark `-d`, Wireshark
-    /// *Decode As…*): HTTP/2 on the server port of the captured conversation.
-    pub fn http2_decode_as(&self, role: &str) -> String {
+    /// The "decode as" rule for an HTTP capture of `role` (tshark `-d`, Wireshark *Decode
+    /// As…*): `protocol` (`http`, `http2`) on the server port of the captured conversation, known
+    /// here without reading the file (see [`crate::tshark::decode_rule`]).
+    pub fn decode_as(&self, role: &str, protocol: &str) -> String {
         let port = if role == "consumer" { self.client_listener.port() } else { self.server_listener.port() };
-        format!("tcp.port=={port},http2")
+        format!("tcp.port=={port},{protocol}")
     }
 
     /// Stops everything with SIGTERM, in dependency order; fails if a component did not exit

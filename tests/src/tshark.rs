@@ -13,8 +13,8 @@ pub fn fields(pcap: &Path, filter: &str, fields: &[&str]) -> Result<Vec<Vec<Stri
     read_filtered(pcap, None, filter, fields)
 }
 
-/// As [`fields`], with a "decode as" rule such as `tcp.port==50051,http2` (tshark's `-d`): how
-/// an HTTP/2 capture on a port Wireshark does not assign to HTTP is opened.
+/// As [`fields`], with a "decode as" rule such as `tcp.port==50051,http2` (tshark's `-d`; see
+/// [`decode_rule`]).
 pub fn fields_decoded(pcap: &Path, decode_as: &str, filter: &str, fields: &[&str]) -> Result<Vec<Vec<String>>> {
     read_filtered(pcap, Some(decode_as), filter, fields)
 }
@@ -60,13 +60,17 @@ pub fn read_filtered(pcap: &Path, decode_as: Option<&str>, filter: &str, fields:
         .collect())
 }
 
-/// The "decode as" rule that opens an HTTP/2 capture, derived from the file the way the README
-/// tells users to: HTTP/2 on the conversation's server port, the destination port of its first
-/// packet (the SYN).
-pub fn http2_decode_rule(pcap: &Path) -> Result<String> {
+/// The "decode as" rule that opens a capture as `protocol` (`http`, `http2`), derived from the
+/// file the way the README tells users to: `protocol` on the conversation's server port, the
+/// destination port of its first packet (the SYN).
+///
+/// Wireshark picks a TCP dissector by port before trying heuristics, so HTTP/2 (which has no
+/// heuristic) needs the rule always, and HTTP/1.1 whenever a port of the conversation is one
+/// Wireshark assigns to another protocol (34980, a client port like any other, is EtherCAT's).
+pub fn decode_rule(pcap: &Path, protocol: &str) -> Result<String> {
     let rows = read_filtered(pcap, None, "frame.number == 1", &["tcp.dstport"])?;
     let port = rows.first().and_then(|row| row.first()).filter(|p| !p.is_empty()).context("no first packet")?;
-    Ok(format!("tcp.port=={port},http2"))
+    Ok(format!("tcp.port=={port},{protocol}"))
 }
 
 /// tshark's malformed-packet and expert warnings/errors for a file (empty when clean).

@@ -23,9 +23,10 @@ fn the_filter_charts_envoyfilters_capture_in_real_envoy() {
     assert_eq!(response.status, 200);
     for role in ["consumer", "producer"] {
         let files = mesh.wait_for_capture(role, "chart-1").unwrap();
-        let rows =
-            tshark::fields(&files.pcap, "http", &["http.request.method", "http.request.uri", "http.response.code"])
-                .unwrap();
+        // HTTP on the server port, found in the file as the README says (see tests/http1.rs).
+        let rule = tshark::decode_rule(&files.pcap, "http").unwrap();
+        let fields = ["http.request.method", "http.request.uri", "http.response.code"];
+        let rows = tshark::fields_decoded(&files.pcap, &rule, "http", &fields).unwrap();
         assert_eq!(rows[0][..2], ["GET", "/chart"], "{role}");
         assert_eq!(rows[1][2], "200", "{role}");
     }

@@ -48,9 +48,9 @@ fn binary(document: &Document, key: &str) -> Vec<u8> {
 }
 
 /// The bytes the client sent, reassembled from tshark's per-segment `tcp.payload` hex.
-fn client_payload(files: &CaptureFiles, client_port: &str) -> Vec<u8> {
-    let rows =
-        tshark::fields(&files.pcap, &format!("tcp.srcport == {client_port} && tcp.len > 0"), &["tcp.payload"]).unwrap();
+fn client_payload(files: &CaptureFiles, rule: &str, client_port: &str) -> Vec<u8> {
+    let filter = format!("tcp.srcport == {client_port} && tcp.len > 0");
+    let rows = tshark::fields_decoded(&files.pcap, rule, &filter, &["tcp.payload"]).unwrap();
     let hex: String = rows.into_iter().flatten().collect::<Vec<_>>().concat();
     (0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect()
 }
@@ -65,9 +65,15 @@ fn check_capture(
     expect: &Expect,
 ) {
     let context = format!("{role} capture {}", files.pcap.display());
-    // The packets, as Wireshark decodes them.
-    let requests = tshark::fields(
+    // The packets, as Wireshark decodes them with HTTP on the server port: the client's port is
+    // whatever the kernel picked, and Wireshark gives some ports to other protocols (34980 is
+    // EtherCAT's) before it tries its HTTP heuristic. The README's way of finding that port, from
+    // the file alone, must find the mesh's listener.
+    let rule = mesh.decode_as(role, "http");
+    assert_eq!(tshark::decode_rule(&files.pcap, "http").unwrap(), rule, "{context}: the README's rule");
+    let requests = tshark::fields_decoded(
         &files.pcap,
+        &rule,
         "http.request",
         &[
             "ip.src",
@@ -92,7 +98,7 @@ fn check_capture(
         );
     }
     assert!(lines.iter().any(|line| line.starts_with(&format!("x-request-id: {request_id}"))), "{context}: {lines:?}");
-    let client_payload = client_payload(files, &request[1]);
+    let client_payload = client_payload(files, &rule, &request[1]);
     for wanted in expect.request_bytes {
         assert!(
             client_payload.windows(wanted.len()).any(|w| w == *wanted),
@@ -104,9 +110,13 @@ fn check_capture(
         if expect.truncated { &expect.request_body[..BODY_LIMIT as usize] } else { expect.request_body };
     assert_eq!(request[7].as_bytes(), captured_request, "{context}: request body");
 
-    let responses =
-        tshark::fields(&files.pcap, "http.response", &["http.response.code", "http.file_data", "http.response.line"])
-            .unwrap();
+    let responses = tshark::fields_decoded(
+        &files.pcap,
+        &rule,
+        "http.response",
+        &["http.response.code", "http.file_data", "http.response.line"],
+    )
+    .unwrap();
     assert_eq!(responses.len(), 1, "{context}: one response expected, got {responses:?}");
     assert_eq!(responses[0][0], expect.status.to_string(), "{context}");
     let captured_response: &[u8] =
@@ -117,7 +127,11 @@ fn check_capture(
             format!("x-packet-inspector-truncated: {BODY_LIMIT} of {} bytes captured", expect.response_body.len());
         assert!(responses[0][2].contains(&note), "{context}: {:?}", responses[0][2]);
     }
-    assert_eq!(tshark::problems(&files.pcap).unwrap(), Vec::<String>::new(), "{context}: tshark complaints");
+    assert_eq!(
+        tshark::problems_decoded(&files.pcap, Some(&rule)).unwrap(),
+        Vec::<String>::new(),
+        "{context}: tshark complaints"
+    );
 
     // The real endpoints of the downstream connection.
     let (client, server) = ((request[0].as_str(), request[1].as_str()), (request[2].as_str(), request[3].as_str()));

@@ -22,7 +22,7 @@ fn header_pairs(mesh: &Mesh, role: &str, files: &CaptureFiles, from_client: bool
         if from_client { format!("tcp.dstport == {server_port}") } else { format!("tcp.srcport == {server_port}") };
     let rows = tshark::fields_decoded(
         &files.pcap,
-        &mesh.http2_decode_as(role),
+        &mesh.decode_as(role, "http2"),
         &format!("({side}) && (http2.type == 1 || http2.type == 9)"),
         &["http2.header.name", "http2.header.value"],
     )
@@ -46,7 +46,7 @@ fn grpc_lengths(mesh: &Mesh, role: &str, files: &CaptureFiles, from_client: bool
     let side = if from_client { "tcp.dstport" } else { "tcp.srcport" };
     let rows = tshark::fields_decoded(
         &files.pcap,
-        &mesh.http2_decode_as(role),
+        &mesh.decode_as(role, "http2"),
         &format!("grpc && {side} == {server_port}"),
         &["grpc.message_length"],
     )
@@ -55,7 +55,7 @@ fn grpc_lengths(mesh: &Mesh, role: &str, files: &CaptureFiles, from_client: bool
 }
 
 fn assert_clean(mesh: &Mesh, role: &str, files: &CaptureFiles) {
-    let problems = tshark::problems_decoded(&files.pcap, Some(&mesh.http2_decode_as(role))).unwrap();
+    let problems = tshark::problems_decoded(&files.pcap, Some(&mesh.decode_as(role, "http2"))).unwrap();
     assert_eq!(problems, Vec::<String>::new(), "{}: tshark complaints", files.pcap.display());
 }
 
@@ -102,14 +102,18 @@ fn http2_exchanges_decode_standalone() {
     for role in ROLES {
         let files = mesh.wait_for_capture(role, "h2-hello").unwrap();
         assert_eq!(protocol_of(&files), "http2");
-        assert_eq!(tshark::http2_decode_rule(&files.pcap).unwrap(), mesh.http2_decode_as(role), "the README's rule");
+        assert_eq!(
+            tshark::decode_rule(&files.pcap, "http2").unwrap(),
+            mesh.decode_as(role, "http2"),
+            "the README's rule"
+        );
         assert_clean(&mesh, role, &files);
         let request = header_pairs(&mesh, role, &files, true);
         assert!(has(&request, ":method", "GET") && has(&request, ":path", "/h2/hello"), "{role}: {request:?}");
         assert!(has(&request, "x-trace-bin", "AAH+/w=="), "{role}: the -bin value survives");
         assert!(has(&request, "x-big", &big_header), "{role}: the 20 kB header survives");
         let continuation =
-            tshark::fields_decoded(&files.pcap, &mesh.http2_decode_as(role), "http2.type == 9", &["frame.number"])
+            tshark::fields_decoded(&files.pcap, &mesh.decode_as(role, "http2"), "http2.type == 9", &["frame.number"])
                 .unwrap();
         assert!(!continuation.is_empty(), "{role}: a header block over 16 kB needs CONTINUATION");
         let response = header_pairs(&mesh, role, &files, false);
@@ -124,7 +128,7 @@ fn http2_exchanges_decode_standalone() {
         );
         let data = tshark::fields_decoded(
             &files.pcap,
-            &mesh.http2_decode_as(role),
+            &mesh.decode_as(role, "http2"),
             "http2.type == 0",
             &["tcp.srcport", "http2.length"],
         )
@@ -153,7 +157,7 @@ fn http2_exchanges_decode_standalone() {
         assert!(has(&request, "x-packet-inspector-truncated", "65536 of 80000 bytes captured"), "{role}: {request:?}");
         assert!(!request.iter().any(|(n, _)| n == "content-length"), "{role}: the stale length is dropped");
         let data =
-            tshark::fields_decoded(&files.pcap, &mesh.http2_decode_as(role), "http2.type == 0", &["http2.length"])
+            tshark::fields_decoded(&files.pcap, &mesh.decode_as(role, "http2"), "http2.type == 0", &["http2.length"])
                 .unwrap();
         let total: usize = data.iter().flat_map(|r| r[0].split('\u{1f}').map(|v| v.parse::<usize>().unwrap())).sum();
         assert_eq!(total, 2 * 65_536, "{role}: the captured bytes of both bodies");

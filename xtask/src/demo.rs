@@ -57,13 +57,15 @@ fn row(files: &CaptureFiles) -> Result<Row> {
             rows.get(1).and_then(|r| r.get(1)).filter(|v| !v.is_empty()).cloned().unwrap_or_else(|| "-".into());
         (format!("{name} ({code})"), "-".to_owned(), format!("Result-Code {result}"))
     } else if protocol == "http1" {
-        let request = tshark::fields(&files.pcap, "http.request", &["http.request.method", "http.request.uri"])?;
-        let response = tshark::fields(&files.pcap, "http.response", &["http.response.code"])?;
+        let rule = tshark::decode_rule(&files.pcap, "http")?;
+        let request =
+            tshark::fields_decoded(&files.pcap, &rule, "http.request", &["http.request.method", "http.request.uri"])?;
+        let response = tshark::fields_decoded(&files.pcap, &rule, "http.response", &["http.response.code"])?;
         (first(&request, 0), first(&request, 1), first(&response, 0))
     } else {
         let headers = tshark::fields_decoded(
             &files.pcap,
-            &tshark::http2_decode_rule(&files.pcap)?,
+            &tshark::decode_rule(&files.pcap, "http2")?,
             "http2.type == 1",
             &["http2.header.name", "http2.header.value"],
         )?;
@@ -178,10 +180,12 @@ pub fn run(output_dir: &Path) -> Result<()> {
     println!("\nCaptures written to {} (read back with tshark):\n", output_dir.display());
     print_table(&rows);
     println!(
-        "\nHTTP/1.1: wireshark FILE.pcap, or tshark -r FILE.pcap -Y http\n\
-         HTTP/2 and gRPC: decode the conversation's server port (the first packet's destination) as HTTP/2:\n  \
-         tshark -r FILE.pcap -d tcp.port==$(tshark -r FILE.pcap -c 1 -T fields -e tcp.dstport),http2 -Y http2\n  \
-         (Wireshark: Analyze > Decode As..., TCP port, HTTP2)\n\
+        "\nThe conversation's server port is the first packet's destination:\n  \
+         PORT=$(tshark -r FILE.pcap -c 1 -T fields -e tcp.dstport)\n\
+         HTTP/1.1: wireshark FILE.pcap, or tshark -r FILE.pcap -Y http; if it shows another protocol\n  \
+         (Wireshark gives some ports to others, 34980 to EtherCAT): tshark -r FILE.pcap -d tcp.port==$PORT,http\n\
+         HTTP/2 and gRPC: tshark -r FILE.pcap -d tcp.port==$PORT,http2 -Y http2\n  \
+         (Wireshark: Analyze > Decode As..., TCP port, HTTP or HTTP2)\n\
          Diameter (port 3868): wireshark FILE.pcap, or tshark -r FILE.pcap -Y diameter"
     );
     mesh.shutdown().context("stopping the demo")?;
