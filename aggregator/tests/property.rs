@@ -181,9 +181,11 @@ fn check(protocol: Protocol, decode_as: Option<&str>) {
     std::fs::remove_file(path).unwrap();
 }
 
+/// HTTP on the server port, as for HTTP/2: without it, case 0 (client port 20000, DNP3's) and
+/// case 256 (20256, PCOM's) would be offered to those dissectors before HTTP's heuristic.
 #[test]
 fn arbitrary_http1_exchanges_decode() {
-    check(Protocol::Http1, None);
+    check(Protocol::Http1, Some("tcp.port==18080,http"));
 }
 
 #[test]
