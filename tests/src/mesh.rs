@@ -163,9 +163,18 @@ fn unique_dir() -> Result<PathBuf> {
 
 impl Mesh {
     /// Starts everything and waits until each part is ready.
+    ///
+    /// A failed start keeps the components' logs, and its error says where; the error of the
+    /// component that failed carries the tail of its log.
     pub fn start(options: MeshOptions) -> Result<Self> {
         crate::remember_panics();
         let dir = unique_dir()?;
+        let kept = dir.clone();
+        Self::start_in(dir, options)
+            .with_context(|| format!("starting the mesh (component logs kept under {})", kept.display()))
+    }
+
+    fn start_in(dir: PathBuf, options: MeshOptions) -> Result<Self> {
         let output_dir = options.output_dir.clone().unwrap_or_else(|| dir.join("captures"));
         std::fs::create_dir_all(&output_dir)?;
         let ca = Ca::new("packet-inspector demo mesh CA")?;
@@ -615,16 +624,18 @@ impl Mesh {
 
 impl Drop for Mesh {
     fn drop(&mut self) {
-        if std::thread::panicking() || self.failed {
+        // A failed start is reported by its error (see `start`), which may be what a test expects.
+        if std::thread::panicking() {
             eprintln!(
                 "end-to-end failure; component logs (kept under {}):\n{}",
                 self.dir.display(),
                 self.log_tails(40)
             );
-            if let Some(message) = crate::last_panic().filter(|_| std::thread::panicking()) {
+            if let Some(message) = crate::last_panic() {
                 eprintln!("end-to-end failure, repeated after the logs: {message}");
             }
-        } else {
+        }
+        if !std::thread::panicking() && !self.failed {
             for slot in [
                 &mut self.client_envoy,
                 &mut self.server_envoy,
