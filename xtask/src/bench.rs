@@ -32,7 +32,7 @@ use anyhow::{bail, Context, Result};
 use packet_inspector_tests::{certs::Ca, free_port, mesh::admin_get, process::Process, target_dir, tools, wait_for};
 use serde_json::json;
 
-pub const VARIANTS: [&str; 5] = ["none", "noop", "floor", "capture", "tap"];
+pub const VARIANTS: [&str; 6] = ["none", "noop", "floor", "capture", "candidate", "tap"];
 pub const SIZES: [(&str, usize); 2] = [("1KiB", 1024), ("64KiB", 65536)];
 pub const PARTS: [&str; 5] = ["filter", "proxy", "overload", "latency", "ingest"];
 
@@ -48,6 +48,8 @@ pub struct Options {
     pub sizes: Vec<String>,
     /// How long the overload part stops the analysis service.
     pub stall_seconds: u64,
+    /// The module of the `candidate` variant: another build of the capture filter.
+    pub candidate: Option<PathBuf>,
 }
 
 impl Options {
@@ -405,6 +407,13 @@ pub fn run(options: &Options) -> Result<()> {
             bail!("unknown variant {variant:?}; one of {VARIANTS:?}");
         }
     }
+    match &options.candidate {
+        Some(module) if !module.is_file() => bail!("--candidate {}: no such file", module.display()),
+        None if options.variants.iter().any(|v| v == "candidate") => {
+            bail!("the candidate variant needs a module: --candidate PATH.wasm")
+        }
+        _ => {}
+    }
     for size in &options.sizes {
         if !SIZES.iter().any(|(name, _)| name == size) {
             bail!("unknown size {size:?}; one of 1KiB, 64KiB");
@@ -597,6 +606,15 @@ pub fn run(options: &Options) -> Result<()> {
                     capture.cpu_us - floor
                 );
             }
+            if let Some(candidate) = medians.get(&(size.clone(), *load, "candidate".to_owned())) {
+                println!(
+                    "{size} {}: candidate / capture: CPU µs/request {:.3} ({:+.1}), p99 {:.3}",
+                    load.name(),
+                    candidate.cpu_us / capture.cpu_us,
+                    candidate.cpu_us - capture.cpu_us,
+                    candidate.p99_us / capture.p99_us
+                );
+            }
             // Context, not a target: what each adds to a proxy that runs no filter at all.
             if let (Some(none), Some(tap)) = (of("none"), of("tap")) {
                 println!(
@@ -677,6 +695,10 @@ pub fn pipeline_state(setup: &Setup) -> String {
     format!("capture filter stats:\n{filter}\naggregator metrics:\n{}", aggregator.join("\n"))
 }
 
+/// The capture filter's configuration, for `capture` and `candidate`.
+const CAPTURE_CONFIGURATION: &str =
+    r#"{"cluster":"packet_inspector_aggregator","role":"consumer","flushIntervalMs":100}"#;
+
 /// Starts the emulator (discarding), the aggregator, the upstream and the Envoys under test.
 fn start(dir: &Path, options: &Options) -> Result<Setup> {
     let mut bench = Bench { dir: dir.to_owned(), processes: Vec::new() };
@@ -753,10 +775,10 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
             "none" => String::new(),
             "noop" => wasm_filter(&noop_module, "{}"),
             "floor" => wasm_filter(&floor_module, "{}"),
-            "capture" => wasm_filter(
-                &capture_module,
-                r#"{"cluster":"packet_inspector_aggregator","role":"consumer","flushIntervalMs":100}"#,
-            ),
+            "capture" => wasm_filter(&capture_module, CAPTURE_CONFIGURATION),
+            "candidate" => {
+                wasm_filter(options.candidate.as_deref().context("the candidate's module")?, CAPTURE_CONFIGURATION)
+            }
             _ => format!(
                 r#"
           - name: envoy.filters.http.tap
@@ -809,7 +831,7 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
             certs.display()
         ));
         let pid = bench.envoy(&format!("envoy-{variant}"), &config, 0, admin)?;
-        if variant == "capture" {
+        if variant == "capture" || variant == "candidate" {
             wait_for("the capture filter's streams", Duration::from_secs(30), || {
                 admin_get(admin, "/stats?filter=streams_ready").ok().filter(|s| s.contains("streams_ready: 2"))
             })?;

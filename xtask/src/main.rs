@@ -55,7 +55,8 @@ enum Task {
         /// Parts to run: filter, proxy, overload, latency, ingest.
         #[arg(long, value_delimiter = ',', default_value = "filter,proxy,overload,latency,ingest")]
         parts: Vec<String>,
-        /// Proxy variants to load: none, noop, floor, capture, tap.
+        /// Proxy variants to load: none, noop, floor, capture, tap (and candidate, with
+        /// `--candidate`).
         #[arg(long, value_delimiter = ',', default_value = "none,noop,floor,capture,tap")]
         variants: Vec<String>,
         /// Response body sizes: 1KiB, 64KiB.
@@ -64,6 +65,11 @@ enum Task {
         /// How long the overload part stops the analysis service.
         #[arg(long, default_value_t = 60)]
         stall_seconds: u64,
+        /// Another build of the capture module (e.g. from another commit), loaded as the proxy
+        /// variant `candidate` with capture's configuration and interleaved with the others: an
+        /// A/B of a change on the same machine, in the same minutes.
+        #[arg(long)]
+        candidate: Option<std::path::PathBuf>,
     },
     /// Fuzz one of the filter's parsers (`diameter_framer`, `pairs`) with cargo fuzz; installs
     /// a nightly toolchain and cargo-fuzz when missing. Not part of `test`.
@@ -153,7 +159,14 @@ fn main() -> Result<()> {
             charts.current_dir(workspace_root()).args(["-m", "pytest", "tests/charts", "-q", "-p", "no:cacheprovider"]);
             run(charts)
         }
-        Task::Bench { rounds, seconds, connections, parts, variants, sizes, stall_seconds } => {
+        Task::Bench { rounds, seconds, connections, parts, mut variants, sizes, stall_seconds, candidate } => {
+            // Envoy resolves the module's path from its own working directory.
+            let candidate = candidate
+                .map(|path| std::fs::canonicalize(&path).with_context(|| format!("--candidate {}", path.display())))
+                .transpose()?;
+            if candidate.is_some() && !variants.iter().any(|v| v == "candidate") {
+                variants.push("candidate".to_owned());
+            }
             install::all()?;
             install::debian_package("wrk", "wrk")?;
             install::debian_package("h2load", "nghttp2-client")?;
@@ -197,7 +210,7 @@ fn main() -> Result<()> {
                     .arg(packet_inspector_tests::target_dir().join(dir));
                 run(floor)?;
             }
-            bench::run(&bench::Options { rounds, seconds, connections, parts, variants, sizes, stall_seconds })
+            bench::run(&bench::Options { rounds, seconds, connections, parts, variants, sizes, stall_seconds, candidate })
         }
         Task::Fuzz { target, seconds } => {
             install::fuzzing()?;
