@@ -79,6 +79,30 @@ impl Counter {
     }
 }
 
+/// Counter increments not yet handed to Envoy.
+///
+/// Incrementing an Envoy stat is a host call, and `captures_started` alone moves on every
+/// request: one more crossing out of the VM per request for a figure that is scraped every few
+/// seconds. The module adds increments here and publishes them on every tick and with every
+/// batch sent, so the stats lag the traffic by at most one flush interval.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PendingCounts([u64; Counter::ALL.len()]);
+
+impl PendingCounts {
+    pub fn add(&mut self, counter: Counter, delta: u64) {
+        // `Counter::ALL` lists the variants in declaration order (tested).
+        if let Some(pending) = self.0.get_mut(counter as usize) {
+            *pending = pending.saturating_add(delta);
+        }
+    }
+
+    /// The counters that moved since the last call, with how much; leaves none pending.
+    pub fn take(&mut self) -> impl Iterator<Item = (Counter, u64)> {
+        let pending = std::mem::take(&mut self.0);
+        Counter::ALL.into_iter().zip(pending).filter(|(_, delta)| *delta > 0)
+    }
+}
+
 /// What the pipeline needs from Envoy.
 pub trait Host {
     fn now_ns(&self) -> u64;
@@ -426,6 +450,25 @@ mod tests {
         assert_eq!(host.sent[0].1.frames.len(), 2);
         pipeline.on_stream_message(&mut host, 1, &BatchAck { sequence: 1 }.encode_to_vec());
         assert_eq!(host.counter(Counter::BatchesAcked), 1);
+    }
+
+    #[test]
+    fn pending_counts_add_up_per_counter_and_are_taken_once() {
+        for (index, counter) in Counter::ALL.into_iter().enumerate() {
+            assert_eq!(counter as usize, index, "Counter::ALL is in declaration order");
+        }
+        let mut pending = PendingCounts::default();
+        assert_eq!(pending.take().count(), 0);
+        pending.add(Counter::CapturesStarted, 1);
+        pending.add(Counter::DiameterTruncated, 2);
+        pending.add(Counter::CapturesStarted, 3);
+        pending.add(Counter::FramesDropped, 0);
+        let taken: Vec<(Counter, u64)> = pending.take().collect();
+        assert_eq!(taken, [(Counter::CapturesStarted, 4), (Counter::DiameterTruncated, 2)]);
+        assert_eq!(pending.take().count(), 0, "taking leaves nothing pending");
+        pending.add(Counter::BatchesLost, u64::MAX);
+        pending.add(Counter::BatchesLost, 1);
+        assert_eq!(pending.take().collect::<Vec<_>>(), [(Counter::BatchesLost, u64::MAX)]);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::{
     host,
     metadata::{self, NodeIdentity},
     pairs::{self, Pair},
-    pipeline::{Counter, Fate, Host, Pipeline, METHOD, SERVICE},
+    pipeline::{Counter, Fate, Host, PendingCounts, Pipeline, METHOD, SERVICE},
     transaction::HttpTransaction,
     wire::{FrameRef, SharedMetadata, StartRef},
 };
@@ -41,9 +41,30 @@ fn log(level: LogLevel, message: &str) {
     let _ = proxy_wasm::hostcalls::log(level, message);
 }
 
+/// Envoy's ids of the module's counters, and the increments not yet handed to them.
+struct Counters {
+    ids: [Option<u32>; Counter::ALL.len()],
+    pending: PendingCounts,
+}
+
+impl Counters {
+    fn define() -> Self {
+        Self { ids: Counter::ALL.map(|counter| host::define_counter(counter.name()).ok()), pending: Default::default() }
+    }
+
+    /// Hands the pending increments to Envoy.
+    fn publish(&mut self) {
+        for (counter, delta) in self.pending.take() {
+            if let Some(Some(id)) = self.ids.get(counter as usize) {
+                let _ = host::increment(*id, i64::try_from(delta).unwrap_or(i64::MAX));
+            }
+        }
+    }
+}
+
 /// [`Host`] over the proxy-wasm ABI.
 struct EnvoyHost<'a> {
-    counters: &'a [Option<u32>; Counter::ALL.len()],
+    counters: &'a mut Counters,
 }
 
 impl Host for EnvoyHost<'_> {
@@ -54,16 +75,16 @@ impl Host for EnvoyHost<'_> {
         host::open_grpc_stream(cluster, SERVICE, METHOD).map_err(|status| status.to_string())
     }
     fn send(&mut self, token: u32, message: &[u8]) -> Result<(), String> {
-        host::grpc_send(token, message).map_err(|status| status.to_string())
+        let sent = host::grpc_send(token, message).map_err(|status| status.to_string());
+        // The stats keep up with what reaches the aggregator.
+        self.counters.publish();
+        sent
     }
     fn cancel(&mut self, token: u32) {
         let _ = host::grpc_cancel(token);
     }
     fn count(&mut self, counter: Counter, delta: u64) {
-        let index = Counter::ALL.iter().position(|c| *c == counter);
-        if let Some(Some(id)) = index.and_then(|i| self.counters.get(i)) {
-            let _ = host::increment(*id, i64::try_from(delta).unwrap_or(i64::MAX));
-        }
+        self.counters.pending.add(counter, delta);
     }
     fn warn(&mut self, message: &str) {
         log(LogLevel::Warn, message);
@@ -83,13 +104,13 @@ struct Shared {
     node: NodeIdentity,
     pipeline: Pipeline,
     connections: ConnectionCache,
-    counters: [Option<u32>; Counter::ALL.len()],
+    counters: Counters,
 }
 
 impl Shared {
     /// Runs `f` on the pipeline with the host.
     fn with_pipeline<R>(&mut self, f: impl FnOnce(&mut Pipeline, &mut EnvoyHost<'_>) -> R) -> R {
-        let mut host = EnvoyHost { counters: &self.counters };
+        let mut host = EnvoyHost { counters: &mut self.counters };
         f(&mut self.pipeline, &mut host)
     }
 
@@ -195,7 +216,7 @@ impl RootContext for CaptureRoot {
                 return false;
             }
         };
-        let counters = Counter::ALL.map(|counter| host::define_counter(counter.name()).ok());
+        let counters = Counters::define();
         let node = read_node_identity(&config);
         let flush_interval = Duration::from_millis(u64::from(config.flush_interval_ms));
         let shared = Rc::new(RefCell::new(Shared {
@@ -216,7 +237,9 @@ impl RootContext for CaptureRoot {
 
     fn on_tick(&mut self) {
         if let Some(shared) = &self.shared {
-            shared.borrow_mut().with_pipeline(|p, h| p.on_tick(h));
+            let mut shared = shared.borrow_mut();
+            shared.with_pipeline(|p, h| p.on_tick(h));
+            shared.counters.publish();
         }
     }
 
@@ -387,7 +410,10 @@ impl HttpContext for CaptureHttp {
         let Some(transaction) = Self::live(&mut self.transaction) else { return };
         // `upstream.address` is only known from the log phase on.
         let upstream = metadata::socket_address(property(&["upstream", "address"]).as_deref());
-        let frame = transaction.end(now_ns(), upstream);
+        // An exchange that ended normally ended with its last frame; only a reset or an abort
+        // ends here.
+        let ended_ns = transaction.completed_at_ns().unwrap_or_else(now_ns);
+        let frame = transaction.end(ended_ns, upstream);
         self.shared.borrow_mut().record(transaction.fate, &frame);
         self.transaction = None;
     }

@@ -23,6 +23,8 @@ pub struct HttpTransaction {
     max_body_bytes: u64,
     request: DirectionState,
     response: DirectionState,
+    /// When the second direction finished: the exchange's end, known before Envoy's log phase.
+    completed_at_ns: Option<u64>,
 }
 
 impl HttpTransaction {
@@ -33,7 +35,22 @@ impl HttpTransaction {
             max_body_bytes,
             request: DirectionState::default(),
             response: DirectionState::default(),
+            completed_at_ns: None,
         }
+    }
+
+    /// Marks `direction` finished when `end_of_stream`, noting when the exchange completed.
+    fn finish(&mut self, direction: Direction, timestamp_ns: u64, end_of_stream: bool) {
+        self.state(direction).finished |= end_of_stream;
+        if self.completed_at_ns.is_none() && self.request.finished && self.response.finished {
+            self.completed_at_ns = Some(timestamp_ns);
+        }
+    }
+
+    /// When both directions had ended, if they have: the time the end frame carries. The log
+    /// phase, where the end frame is built, then need not read the clock again (a host call).
+    pub fn completed_at_ns(&self) -> Option<u64> {
+        self.completed_at_ns
     }
 
     fn frame(&self, timestamp_ns: u64, kind: Kind) -> FrameRef<'static> {
@@ -58,7 +75,7 @@ impl HttpTransaction {
         pairs: &'a [Pair<'a>],
         end_of_stream: bool,
     ) -> FrameRef<'a> {
-        self.state(direction).finished |= end_of_stream;
+        self.finish(direction, timestamp_ns, end_of_stream);
         FrameRef::Headers { transaction_id: self.id, timestamp_ns, trailers: false, direction, pairs, end_of_stream }
     }
 
@@ -86,15 +103,14 @@ impl HttpTransaction {
         if chunk_len == 0 && !end_of_stream {
             return None;
         }
-        let state = self.state(direction);
-        state.captured += data.len() as u64;
-        state.finished |= end_of_stream;
+        self.state(direction).captured += data.len() as u64;
+        self.finish(direction, timestamp_ns, end_of_stream);
         let truncated_bytes = chunk_len.saturating_sub(data.len()) as u64;
         Some(FrameRef::Body { transaction_id: self.id, timestamp_ns, direction, data, truncated_bytes, end_of_stream })
     }
 
     pub fn trailers<'a>(&mut self, timestamp_ns: u64, direction: Direction, pairs: &'a [Pair<'a>]) -> FrameRef<'a> {
-        self.state(direction).finished = true;
+        self.finish(direction, timestamp_ns, true);
         FrameRef::Headers {
             transaction_id: self.id,
             timestamp_ns,
@@ -156,6 +172,25 @@ mod tests {
         let mut txn = HttpTransaction::new(1, 10);
         assert!(txn.body(1, Direction::Response, &[], 0, false).is_none());
         assert!(txn.body(1, Direction::Response, &[], 0, true).is_some());
+    }
+
+    #[test]
+    fn the_exchange_completes_when_its_second_direction_ends() {
+        let mut txn = HttpTransaction::new(1, 10);
+        txn.headers(1, Direction::Request, &[], false);
+        txn.headers(2, Direction::Response, &[], false);
+        txn.body(3, Direction::Response, &[1], 1, true);
+        assert_eq!(txn.completed_at_ns(), None, "the request has not ended");
+        txn.body(4, Direction::Request, &[], 0, true);
+        assert_eq!(txn.completed_at_ns(), Some(4));
+        txn.trailers(5, Direction::Response, &[]);
+        assert_eq!(txn.completed_at_ns(), Some(4), "the first completion stands");
+
+        let mut trailers = HttpTransaction::new(2, 10);
+        trailers.headers(1, Direction::Request, &[], true);
+        trailers.headers(2, Direction::Response, &[], false);
+        trailers.trailers(7, Direction::Response, &[]);
+        assert_eq!(trailers.completed_at_ns(), Some(7));
     }
 
     #[test]
