@@ -133,8 +133,11 @@ impl Shared {
 }
 
 /// Envoy's id of the current downstream connection; 0 when it does not say.
+///
+/// Read on every request. The top-level `connection_id` is the same id as `connection.id`, and
+/// Envoy answers it straight from the connection, without building the `connection` map first.
 fn connection_id() -> u64 {
-    property(&["connection", "id"])
+    property(&["connection_id"])
         .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
         .map_or(0, u64::from_le_bytes)
 }

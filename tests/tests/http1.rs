@@ -266,11 +266,19 @@ fn http1_exchanges_are_captured_on_both_sides() {
         }
     }
     // Exactly one consumer and one producer capture per request: nothing duplicated.
+    let mut consumer_connections = Vec::new();
     for (name, ..) in &cases {
         let request_id = format!("e2e-{name}-{}", std::process::id());
-        assert_eq!(mesh.captures("consumer", &request_id).len(), 1, "{name}");
+        let consumer = mesh.captures("consumer", &request_id);
+        assert_eq!(consumer.len(), 1, "{name}");
         assert_eq!(mesh.captures("producer", &request_id).len(), 1, "{name}");
+        let document = consumer[0].document().unwrap();
+        consumer_connections.push(document.get_document("metadata").unwrap().get_i64("connectionId").unwrap());
     }
+    // Envoy's connection ids: each request came on a connection of its own.
+    let distinct: std::collections::BTreeSet<i64> = consumer_connections.iter().copied().collect();
+    assert!(!distinct.contains(&0), "every capture names its connection: {consumer_connections:?}");
+    assert_eq!(distinct.len(), cases.len(), "one connection per request: {consumer_connections:?}");
     assert_eq!(mesh.counter(Sidecar::Client, "captures_dropped").unwrap(), 0);
     mesh.shutdown().unwrap();
 }
