@@ -110,6 +110,7 @@ pub trait Host {
     fn open_stream(&mut self, cluster: &str) -> Result<u32, String>;
     fn send(&mut self, token: u32, message: &[u8]) -> Result<(), String>;
     fn cancel(&mut self, token: u32);
+    /// Adds to a counter (the module publishes them in bulk: [`PendingCounts`]).
     fn count(&mut self, counter: Counter, delta: u64);
     fn warn(&mut self, message: &str);
 }

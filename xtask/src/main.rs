@@ -210,7 +210,16 @@ fn main() -> Result<()> {
                     .arg(packet_inspector_tests::target_dir().join(dir));
                 run(floor)?;
             }
-            bench::run(&bench::Options { rounds, seconds, connections, parts, variants, sizes, stall_seconds, candidate })
+            bench::run(&bench::Options {
+                rounds,
+                seconds,
+                connections,
+                parts,
+                variants,
+                sizes,
+                stall_seconds,
+                candidate,
+            })
         }
         Task::Fuzz { target, seconds } => {
             install::fuzzing()?;
