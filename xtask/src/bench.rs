@@ -423,7 +423,7 @@ pub fn run(options: &Options) -> Result<()> {
     let dir = out.join(format!("run-{}", SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs()));
     std::fs::create_dir_all(&dir)?;
     // First, while nothing else runs.
-    let filter_logic = if options.runs("filter") { Some(filter_logic()?) } else { None };
+    let filter_logic = if options.runs("filter") { Some(filter_logic(&dir)?) } else { None };
     let mut setup = start(&dir, options)?;
     // This process generates open-loop load and ingest load: off the measured core.
     crate::ingest::pin(std::process::id(), 1)?;
@@ -628,10 +628,17 @@ pub fn run(options: &Options) -> Result<()> {
         }
     }
     if let Some(logic) = &filter_logic {
+        let ns = |key: &str| logic[key]["nanoseconds_per_exchange"].as_f64().unwrap_or(0.0);
         println!(
-            "\nfilter logic per HTTP/1.1 exchange (1 KiB response), native, outside the VM: {:.0} ns, {:.0} bytes sent",
-            logic["nanoseconds_per_exchange"].as_f64().unwrap_or(0.0),
-            logic["bytes_sent_per_exchange"].as_f64().unwrap_or(0.0)
+            "\nfilter logic per HTTP/1.1 exchange (1 KiB response, {:.0} bytes sent), without host calls: \
+             native {:.0} ns warm, {:.0} ns cold; in V8 {:.0} ns warm, {:.0} ns cold \
+             (cold: {} KiB evicted before each exchange)",
+            logic["native_warm"]["bytes_sent_per_exchange"].as_f64().unwrap_or(0.0),
+            ns("native_warm"),
+            ns("native_cold"),
+            ns("v8_warm"),
+            ns("v8_cold"),
+            FILTER_LOGIC_EVICTED_BYTES / 1024
         );
     }
     if let Some(overload) = &overload {
@@ -666,21 +673,64 @@ pub fn run(options: &Options) -> Result<()> {
     Ok(())
 }
 
-/// The filter part: the module's own logic per exchange, natively, on the core the proxies
-/// use later (see `filter/examples/exchange_cost.rs`). Context for the proxy part, which
-/// measures it inside the VM together with the host calls.
-fn filter_logic() -> Result<serde_json::Value> {
-    let program = target_dir().join("release/examples/exchange_cost");
-    let output = pinned(0, &program).output().with_context(|| format!("running {}", program.display()))?;
-    if !output.status.success() {
-        bail!("{} failed: {}", program.display(), String::from_utf8_lossy(&output.stderr));
+/// What `exchange_cost` is asked to evict before each exchange in its cold runs: more than this
+/// CPU's L2 cache per core (1 MiB), as Envoy's own work between two callbacks evicts.
+const FILTER_LOGIC_EVICTED_BYTES: usize = 2 * 1024 * 1024;
+
+/// Runs the `wasm32-wasip1` build of `exchange_cost` in Node.js's V8 (`node runner.mjs
+/// program.wasm args...`). The module also imports the proxy-wasm host functions, which the
+/// example never calls: they are given as functions that throw. `wasi.start` wants a command
+/// module; the example's module exports `_initialize` too (it is built as the filter is), so it
+/// is handed only what `start` needs.
+const V8_RUNNER: &str = r#"import { readFile } from 'node:fs/promises';
+import { WASI } from 'node:wasi';
+const [program, ...args] = process.argv.slice(2);
+const wasi = new WASI({ version: 'preview1', args: [program, ...args], env: {}, preopens: {} });
+const module = await WebAssembly.compile(await readFile(program));
+const env = {};
+for (const { module: from, name } of WebAssembly.Module.imports(module)) {
+  if (from === 'env') env[name] = () => { throw new Error(`host call ${name} in a host-free program`); };
+}
+const instance = await WebAssembly.instantiate(module, { wasi_snapshot_preview1: wasi.wasiImport, env });
+wasi.start({ exports: { memory: instance.exports.memory, _start: instance.exports._start } });
+"#;
+
+/// The filter part: the module's own logic per exchange (see `filter/examples/exchange_cost.rs`)
+/// on the core the proxies use later, natively and in V8 (Node.js, TurboFan only, as Envoy's
+/// V8 compiles), each warm and with the caches emptied before every exchange. Context for the
+/// proxy part, which measures it inside Envoy together with the host calls.
+fn filter_logic(dir: &Path) -> Result<serde_json::Value> {
+    let native = target_dir().join("release/examples/exchange_cost");
+    let wasm = target_dir().join("wasm32-wasip1/release/examples/exchange_cost.wasm");
+    let runner = dir.join("exchange_cost_runner.mjs");
+    std::fs::write(&runner, V8_RUNNER)?;
+    let mut report = serde_json::Map::new();
+    for (runtime, evicted) in
+        [("native", 0), ("native", FILTER_LOGIC_EVICTED_BYTES), ("v8", 0), ("v8", FILTER_LOGIC_EVICTED_BYTES)]
+    {
+        let mut command = if runtime == "native" {
+            pinned(0, &native)
+        } else {
+            let mut node = pinned(0, &which("node")?);
+            node.args(["--experimental-wasi-unstable-preview1", "--no-warnings", "--no-liftoff"])
+                .arg(&runner)
+                .arg(&wasm);
+            node
+        };
+        command.args(["--evict", &evicted.to_string()]);
+        let output = command.output().with_context(|| format!("running exchange_cost ({runtime})"))?;
+        if !output.status.success() {
+            bail!("exchange_cost ({runtime}, --evict {evicted}) failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let run: serde_json::Value = serde_json::from_slice(&output.stdout).context("the filter part's report")?;
+        let key = format!("{runtime}_{}", if evicted == 0 { "warm" } else { "cold" });
+        eprintln!(
+            "bench: filter logic, {key}: {:.0} ns per exchange",
+            run["nanoseconds_per_exchange"].as_f64().unwrap_or(0.0)
+        );
+        report.insert(key, run);
     }
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).context("the filter part's report")?;
-    eprintln!(
-        "bench: filter logic: {:.0} ns per exchange, natively",
-        report["nanoseconds_per_exchange"].as_f64().unwrap_or(0.0)
-    );
-    Ok(report)
+    Ok(serde_json::Value::Object(report))
 }
 
 /// The filter's and the aggregator's counters, for errors that need them.

@@ -182,17 +182,21 @@ fn main() -> Result<()> {
                 "--bins",
             ]);
             run(release)?;
-            // The filter's logic outside the VM (the `filter` part).
-            let mut filter_logic = cargo();
-            filter_logic.args([
-                "build",
-                "--release",
-                "--package",
-                "packet-inspector-filter",
-                "--example",
-                "exchange_cost",
-            ]);
-            run(filter_logic)?;
+            // The filter's logic without host calls (the `filter` part), natively and for V8.
+            install::debian_package("node", "nodejs")?;
+            for target in [None, Some("wasm32-wasip1")] {
+                let mut filter_logic = cargo();
+                filter_logic.args([
+                    "build",
+                    "--release",
+                    "--package",
+                    "packet-inspector-filter",
+                    "--example",
+                    "exchange_cost",
+                ]);
+                filter_logic.args(target.map(|target| ["--target", target]).into_iter().flatten());
+                run(filter_logic)?;
+            }
             for (feature, dir) in [("noop", "noop"), ("read-floor", "read-floor")] {
                 let mut floor = cargo();
                 floor
