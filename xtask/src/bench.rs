@@ -628,18 +628,42 @@ pub fn run(options: &Options) -> Result<()> {
         }
     }
     if let Some(logic) = &filter_logic {
-        let ns = |key: &str| logic[key]["nanoseconds_per_exchange"].as_f64().unwrap_or(0.0);
+        let us = |key: &str| logic[key]["nanoseconds_per_exchange"].as_f64().unwrap_or(0.0) / 1000.0;
         println!(
-            "\nfilter logic per HTTP/1.1 exchange (1 KiB response, {:.0} bytes sent), without host calls: \
-             native {:.0} ns warm, {:.0} ns cold; in V8 {:.0} ns warm, {:.0} ns cold \
-             (cold: {} KiB evicted before each exchange)",
-            logic["native_warm"]["bytes_sent_per_exchange"].as_f64().unwrap_or(0.0),
-            ns("native_warm"),
-            ns("native_cold"),
-            ns("v8_warm"),
-            ns("v8_cold"),
+            "\nthe module's own work per HTTP/1.1 exchange (1 KiB response), µs, warm / cold \
+             ({} KiB evicted before each exchange):",
             FILTER_LOGIC_EVICTED_BYTES / 1024
         );
+        println!(
+            "  filter logic without host calls: native {:.2} / {:.2}, in V8 {:.2} / {:.2} ({:.0} bytes sent)",
+            us("logic_native_warm"),
+            us("logic_native_cold"),
+            us("logic_v8_warm"),
+            us("logic_v8_cold"),
+            logic["logic_native_warm"]["bytes_sent_per_exchange"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "  whole module in V8, host calls answered at no cost: no-op {:.2} / {:.2}, read floor {:.2} / {:.2}, \
+             capture {:.2} / {:.2}",
+            us("module_noop_v8_warm"),
+            us("module_noop_v8_cold"),
+            us("module_floor_v8_warm"),
+            us("module_floor_v8_cold"),
+            us("module_capture_v8_warm"),
+            us("module_capture_v8_cold")
+        );
+        if let Some(in_envoy) = medians
+            .get(&("1KiB".to_owned(), Load::OpenHttp1, "capture".to_owned()))
+            .zip(medians.get(&("1KiB".to_owned(), Load::OpenHttp1, "floor".to_owned())))
+            .map(|(capture, floor)| capture.cpu_us - floor.cpu_us)
+        {
+            println!(
+                "  capture beyond the read floor: {:.2} / {:.2} in V8 alone, {in_envoy:.1} in Envoy (open-loop HTTP/1.1): \
+                 the rest is Envoy's side of the host calls and the batch stream",
+                us("module_capture_v8_warm") - us("module_floor_v8_warm"),
+                us("module_capture_v8_cold") - us("module_floor_v8_cold"),
+            );
+        }
     }
     if let Some(overload) = &overload {
         overload.print();
@@ -677,58 +701,69 @@ pub fn run(options: &Options) -> Result<()> {
 /// CPU's L2 cache per core (1 MiB), as Envoy's own work between two callbacks evicts.
 const FILTER_LOGIC_EVICTED_BYTES: usize = 2 * 1024 * 1024;
 
-/// Runs the `wasm32-wasip1` build of `exchange_cost` in Node.js's V8 (`node runner.mjs
-/// program.wasm args...`). The module also imports the proxy-wasm host functions, which the
-/// example never calls: they are given as functions that throw. `wasi.start` wants a command
-/// module; the example's module exports `_initialize` too (it is built as the filter is), so it
-/// is handed only what `start` needs.
-const V8_RUNNER: &str = r#"import { readFile } from 'node:fs/promises';
-import { WASI } from 'node:wasi';
-const [program, ...args] = process.argv.slice(2);
-const wasi = new WASI({ version: 'preview1', args: [program, ...args], env: {}, preopens: {} });
-const module = await WebAssembly.compile(await readFile(program));
-const env = {};
-for (const { module: from, name } of WebAssembly.Module.imports(module)) {
-  if (from === 'env') env[name] = () => { throw new Error(`host call ${name} in a host-free program`); };
-}
-const instance = await WebAssembly.instantiate(module, { wasi_snapshot_preview1: wasi.wasiImport, env });
-wasi.start({ exports: { memory: instance.exports.memory, _start: instance.exports._start } });
-"#;
+/// `node exchange_cost_runner.mjs exchange_cost.wasm ARGS...`: the example in V8.
+const EXCHANGE_COST_RUNNER: &str = include_str!("../js/exchange_cost_runner.mjs");
 
-/// The filter part: the module's own logic per exchange (see `filter/examples/exchange_cost.rs`)
-/// on the core the proxies use later, natively and in V8 (Node.js, TurboFan only, as Envoy's
-/// V8 compiles), each warm and with the caches emptied before every exchange. Context for the
-/// proxy part, which measures it inside Envoy together with the host calls.
+/// `node module_host.mjs MODULE.wasm EXCHANGES EVICT_BYTES`: a build of the filter module in V8,
+/// driven through HTTP/1.1 exchanges by a host whose calls cost next to nothing.
+const MODULE_HOST: &str = include_str!("../js/module_host.mjs");
+
+/// Exchanges `module_host.mjs` measures, warm and cold.
+const MODULE_HOST_EXCHANGES: [usize; 2] = [200_000, 50_000];
+
+/// The filter part, run first and alone, on the core the proxies use later; each measurement
+/// warm and cold (the caches emptied before every exchange). Context for the proxy part, which
+/// measures the module inside Envoy together with Envoy's side of the host calls:
+/// - the filter's logic without host calls (`filter/examples/exchange_cost.rs`), natively and
+///   in V8 (Node.js, TurboFan only, as Envoy's V8 compiles);
+/// - the three builds of the module (no-op, read floor, capture) in V8, driven by a host whose
+///   calls cost next to nothing (`xtask/js/module_host.mjs`): all the module's own cost, the
+///   SDK and the allocations for host results included.
 fn filter_logic(dir: &Path) -> Result<serde_json::Value> {
+    let node = which("node")?;
     let native = target_dir().join("release/examples/exchange_cost");
     let wasm = target_dir().join("wasm32-wasip1/release/examples/exchange_cost.wasm");
-    let runner = dir.join("exchange_cost_runner.mjs");
-    std::fs::write(&runner, V8_RUNNER)?;
+    let (runner, host) = (dir.join("exchange_cost_runner.mjs"), dir.join("module_host.mjs"));
+    std::fs::write(&runner, EXCHANGE_COST_RUNNER)?;
+    std::fs::write(&host, MODULE_HOST)?;
+    let in_v8 = |script: &Path| {
+        let mut command = pinned(0, &node);
+        command.args(["--experimental-wasi-unstable-preview1", "--no-warnings", "--no-liftoff"]).arg(script);
+        command
+    };
+    let modules = [
+        ("noop", target_dir().join("noop/wasm32-wasip1/release/packet_inspector_filter.wasm")),
+        ("floor", target_dir().join("read-floor/wasm32-wasip1/release/packet_inspector_filter.wasm")),
+        ("capture", tools::wasm()?),
+    ];
     let mut report = serde_json::Map::new();
-    for (runtime, evicted) in
-        [("native", 0), ("native", FILTER_LOGIC_EVICTED_BYTES), ("v8", 0), ("v8", FILTER_LOGIC_EVICTED_BYTES)]
-    {
-        let mut command = if runtime == "native" {
-            pinned(0, &native)
-        } else {
-            let mut node = pinned(0, &which("node")?);
-            node.args(["--experimental-wasi-unstable-preview1", "--no-warnings", "--no-liftoff"])
-                .arg(&runner)
-                .arg(&wasm);
-            node
-        };
+    for (cold, evicted) in [("warm", 0), ("cold", FILTER_LOGIC_EVICTED_BYTES)] {
+        let mut runs: Vec<(String, Command)> = Vec::new();
+        let mut command = pinned(0, &native);
         command.args(["--evict", &evicted.to_string()]);
-        let output = command.output().with_context(|| format!("running exchange_cost ({runtime})"))?;
-        if !output.status.success() {
-            bail!("exchange_cost ({runtime}, --evict {evicted}) failed: {}", String::from_utf8_lossy(&output.stderr));
+        runs.push((format!("logic_native_{cold}"), command));
+        let mut command = in_v8(&runner);
+        command.arg(&wasm).args(["--evict", &evicted.to_string()]);
+        runs.push((format!("logic_v8_{cold}"), command));
+        for (variant, module) in &modules {
+            let mut command = in_v8(&host);
+            let exchanges = MODULE_HOST_EXCHANGES[usize::from(evicted > 0)];
+            command.arg(module).args([exchanges.to_string(), evicted.to_string()]);
+            runs.push((format!("module_{variant}_v8_{cold}"), command));
         }
-        let run: serde_json::Value = serde_json::from_slice(&output.stdout).context("the filter part's report")?;
-        let key = format!("{runtime}_{}", if evicted == 0 { "warm" } else { "cold" });
-        eprintln!(
-            "bench: filter logic, {key}: {:.0} ns per exchange",
-            run["nanoseconds_per_exchange"].as_f64().unwrap_or(0.0)
-        );
-        report.insert(key, run);
+        for (key, mut command) in runs {
+            let output = command.output().with_context(|| format!("running the filter part's {key}"))?;
+            if !output.status.success() {
+                bail!("the filter part's {key} failed: {}", String::from_utf8_lossy(&output.stderr));
+            }
+            let run: serde_json::Value =
+                serde_json::from_slice(&output.stdout).with_context(|| format!("the filter part's {key} report"))?;
+            eprintln!(
+                "bench: filter part, {key}: {:.0} ns per exchange",
+                run["nanoseconds_per_exchange"].as_f64().unwrap_or(0.0)
+            );
+            report.insert(key, run);
+        }
     }
     Ok(serde_json::Value::Object(report))
 }
