@@ -48,8 +48,11 @@ pub struct Options {
     pub sizes: Vec<String>,
     /// How long the overload part stops the analysis service.
     pub stall_seconds: u64,
-    /// The module of the `candidate` variant: another build of the capture filter.
+    /// The module of the `candidate` variant: another build of the capture filter (by default,
+    /// the capture module).
     pub candidate: Option<PathBuf>,
+    /// The `candidate` variant's plugin configuration (by default, capture's).
+    pub candidate_configuration: Option<String>,
 }
 
 impl Options {
@@ -321,8 +324,10 @@ fn wasm_filter(module: &Path, configuration: &str) -> String {
               config:
                 root_id: packet_inspector
                 failure_policy: FAIL_OPEN
-                configuration: {{ "@type": type.googleapis.com/google.protobuf.StringValue, value: '{configuration}' }}
+                configuration: {{ "@type": type.googleapis.com/google.protobuf.StringValue, value: '{}' }}
                 vm_config: {{ vm_id: bench, runtime: envoy.wasm.runtime.v8, code: {{ local: {{ filename: {} }} }} }}"#,
+        // A single-quoted YAML scalar: a quote inside is doubled.
+        configuration.replace('\'', "''"),
         module.display()
     )
 }
@@ -407,10 +412,13 @@ pub fn run(options: &Options) -> Result<()> {
             bail!("unknown variant {variant:?}; one of {VARIANTS:?}");
         }
     }
-    match &options.candidate {
-        Some(module) if !module.is_file() => bail!("--candidate {}: no such file", module.display()),
-        None if options.variants.iter().any(|v| v == "candidate") => {
-            bail!("the candidate variant needs a module: --candidate PATH.wasm")
+    match (&options.candidate, &options.candidate_configuration) {
+        (Some(module), _) if !module.is_file() => bail!("--candidate {}: no such file", module.display()),
+        (_, Some(configuration)) if serde_json::from_str::<serde_json::Value>(configuration).is_err() => {
+            bail!("--candidate-config is not JSON: {configuration}")
+        }
+        (None, None) if options.variants.iter().any(|v| v == "candidate") => {
+            bail!("the candidate variant needs a module or a configuration: --candidate PATH.wasm, --candidate-config JSON")
         }
         _ => {}
     }
@@ -861,9 +869,10 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
             "noop" => wasm_filter(&noop_module, "{}"),
             "floor" => wasm_filter(&floor_module, "{}"),
             "capture" => wasm_filter(&capture_module, CAPTURE_CONFIGURATION),
-            "candidate" => {
-                wasm_filter(options.candidate.as_deref().context("the candidate's module")?, CAPTURE_CONFIGURATION)
-            }
+            "candidate" => wasm_filter(
+                options.candidate.as_deref().unwrap_or(&capture_module),
+                options.candidate_configuration.as_deref().unwrap_or(CAPTURE_CONFIGURATION),
+            ),
             _ => format!(
                 r#"
           - name: envoy.filters.http.tap

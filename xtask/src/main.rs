@@ -70,6 +70,10 @@ enum Task {
         /// A/B of a change on the same machine, in the same minutes.
         #[arg(long)]
         candidate: Option<std::path::PathBuf>,
+        /// The `candidate` variant's plugin configuration (JSON) instead of capture's: an A/B of
+        /// a setting. Without `--candidate`, the candidate runs the capture module.
+        #[arg(long)]
+        candidate_config: Option<String>,
     },
     /// Fuzz one of the filter's parsers (`diameter_framer`, `pairs`) with cargo fuzz; installs
     /// a nightly toolchain and cargo-fuzz when missing. Not part of `test`.
@@ -159,12 +163,22 @@ fn main() -> Result<()> {
             charts.current_dir(workspace_root()).args(["-m", "pytest", "tests/charts", "-q", "-p", "no:cacheprovider"]);
             run(charts)
         }
-        Task::Bench { rounds, seconds, connections, parts, mut variants, sizes, stall_seconds, candidate } => {
+        Task::Bench {
+            rounds,
+            seconds,
+            connections,
+            parts,
+            mut variants,
+            sizes,
+            stall_seconds,
+            candidate,
+            candidate_config,
+        } => {
             // Envoy resolves the module's path from its own working directory.
             let candidate = candidate
                 .map(|path| std::fs::canonicalize(&path).with_context(|| format!("--candidate {}", path.display())))
                 .transpose()?;
-            if candidate.is_some() && !variants.iter().any(|v| v == "candidate") {
+            if (candidate.is_some() || candidate_config.is_some()) && !variants.iter().any(|v| v == "candidate") {
                 variants.push("candidate".to_owned());
             }
             install::all()?;
@@ -223,6 +237,7 @@ fn main() -> Result<()> {
                 sizes,
                 stall_seconds,
                 candidate,
+                candidate_configuration: candidate_config,
             })
         }
         Task::Fuzz { target, seconds } => {
