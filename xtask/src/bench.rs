@@ -431,7 +431,7 @@ pub fn run(options: &Options) -> Result<()> {
     let dir = out.join(format!("run-{}", SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs()));
     std::fs::create_dir_all(&dir)?;
     // First, while nothing else runs.
-    let filter_logic = if options.runs("filter") { Some(filter_logic(&dir)?) } else { None };
+    let filter_part = if options.runs("filter") { Some(filter_part(&dir)?) } else { None };
     let mut setup = start(&dir, options)?;
     // This process generates open-loop load and ingest load: off the measured core.
     crate::ingest::pin(std::process::id(), 1)?;
@@ -568,7 +568,7 @@ pub fn run(options: &Options) -> Result<()> {
         out.join("runs.json"),
         serde_json::to_vec_pretty(&json!({
             "runs": runs, "medians": table, "ingest": ingest, "capture_latency": latency, "overload": overload,
-            "filter_logic": filter_logic,
+            "filter_part": filter_part,
             "rss_bytes_after_proxy_part": rss,
         }))?,
     )?;
@@ -635,7 +635,7 @@ pub fn run(options: &Options) -> Result<()> {
             }
         }
     }
-    if let Some(logic) = &filter_logic {
+    if let Some(logic) = &filter_part {
         let us = |key: &str| logic[key]["nanoseconds_per_exchange"].as_f64().unwrap_or(0.0) / 1000.0;
         println!(
             "\nthe module's own work per HTTP/1.1 exchange (1 KiB response), µs, warm / cold \
@@ -705,7 +705,7 @@ pub fn run(options: &Options) -> Result<()> {
     Ok(())
 }
 
-/// What `exchange_cost` is asked to evict before each exchange in its cold runs: more than this
+/// What the filter part evicts before each exchange in its cold runs: more than this
 /// CPU's L2 cache per core (1 MiB), as Envoy's own work between two callbacks evicts.
 const FILTER_LOGIC_EVICTED_BYTES: usize = 2 * 1024 * 1024;
 
@@ -716,8 +716,10 @@ const EXCHANGE_COST_RUNNER: &str = include_str!("../js/exchange_cost_runner.mjs"
 /// driven through HTTP/1.1 exchanges by a host whose calls cost next to nothing.
 const MODULE_HOST: &str = include_str!("../js/module_host.mjs");
 
-/// Exchanges `module_host.mjs` measures, warm and cold.
-const MODULE_HOST_EXCHANGES: [usize; 2] = [200_000, 50_000];
+/// Exchanges `module_host.mjs` measures warm, and cold (each after an eviction, which costs far
+/// more than the exchange).
+const MODULE_HOST_EXCHANGES_WARM: usize = 200_000;
+const MODULE_HOST_EXCHANGES_COLD: usize = 50_000;
 
 /// The filter part, run first and alone, on the core the proxies use later; each measurement
 /// warm and cold (the caches emptied before every exchange). Context for the proxy part, which
@@ -727,7 +729,7 @@ const MODULE_HOST_EXCHANGES: [usize; 2] = [200_000, 50_000];
 /// - the three builds of the module (no-op, read floor, capture) in V8, driven by a host whose
 ///   calls cost next to nothing (`xtask/js/module_host.mjs`): all the module's own cost, the
 ///   SDK and the allocations for host results included.
-fn filter_logic(dir: &Path) -> Result<serde_json::Value> {
+fn filter_part(dir: &Path) -> Result<serde_json::Value> {
     let node = which("node")?;
     let native = target_dir().join("release/examples/exchange_cost");
     let wasm = target_dir().join("wasm32-wasip1/release/examples/exchange_cost.wasm");
@@ -755,7 +757,7 @@ fn filter_logic(dir: &Path) -> Result<serde_json::Value> {
         runs.push((format!("logic_v8_{cold}"), command));
         for (variant, module) in &modules {
             let mut command = in_v8(&host);
-            let exchanges = MODULE_HOST_EXCHANGES[usize::from(evicted > 0)];
+            let exchanges = if evicted == 0 { MODULE_HOST_EXCHANGES_WARM } else { MODULE_HOST_EXCHANGES_COLD };
             command.arg(module).args([exchanges.to_string(), evicted.to_string()]);
             runs.push((format!("module_{variant}_v8_{cold}"), command));
         }

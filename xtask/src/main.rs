@@ -199,8 +199,8 @@ fn main() -> Result<()> {
             // The filter's logic without host calls (the `filter` part), natively and for V8.
             install::debian_package("node", "nodejs")?;
             for target in [None, Some("wasm32-wasip1")] {
-                let mut filter_logic = cargo();
-                filter_logic.args([
+                let mut exchange_cost = cargo();
+                exchange_cost.args([
                     "build",
                     "--release",
                     "--package",
@@ -208,8 +208,8 @@ fn main() -> Result<()> {
                     "--example",
                     "exchange_cost",
                 ]);
-                filter_logic.args(target.map(|target| ["--target", target]).into_iter().flatten());
-                run(filter_logic)?;
+                exchange_cost.args(target.map(|target| ["--target", target]).into_iter().flatten());
+                run(exchange_cost)?;
             }
             for (feature, dir) in [("noop", "noop"), ("read-floor", "read-floor")] {
                 let mut floor = cargo();
