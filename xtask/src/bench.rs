@@ -227,6 +227,39 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank - 1]
 }
 
+/// The metrics a table row compares, each `[median, min, max]` over the rounds.
+const COMPARED: [&str; 4] = ["requests_per_second", "p50_us", "p99_us", "envoy_cpu_us_per_request"];
+
+/// Adds to every row of the proxy table its medians as ratios to those of the no-op Wasm filter
+/// (`to_noop`) and of Envoy's tap (`to_tap`) under the same size and load, when those ran.
+fn add_ratios(table: &mut [serde_json::Value]) {
+    let reference = |table: &[serde_json::Value], row: &serde_json::Value, variant: &str| {
+        table
+            .iter()
+            .find(|r| r["size"] == row["size"] && r["load"] == row["load"] && r["variant"] == variant)
+            .map(|r| COMPARED.map(|key| r[key][0].as_f64()))
+    };
+    let ratios: Vec<_> = table
+        .iter()
+        .map(|row| {
+            ["noop", "tap"].map(|variant| {
+                reference(table, row, variant).map(|of| {
+                    let mut ratios = serde_json::Map::new();
+                    for (key, base) in COMPARED.iter().zip(of) {
+                        let ratio = row[*key][0].as_f64().zip(base).map(|(value, base)| value / base);
+                        ratios.insert((*key).to_owned(), json!(ratio));
+                    }
+                    serde_json::Value::Object(ratios)
+                })
+            })
+        })
+        .collect();
+    for (row, [to_noop, to_tap]) in table.iter_mut().zip(ratios) {
+        row["to_noop"] = json!(to_noop);
+        row["to_tap"] = json!(to_tap);
+    }
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
@@ -482,6 +515,7 @@ pub fn run(options: &Options) -> Result<()> {
                 }
             }
         }
+        add_ratios(&mut table);
     }
     let rss = json!({
         "envoy_capture": setup.under_test.get("capture").and_then(|(pid, ..)| rss_bytes(*pid).ok()),
@@ -576,29 +610,72 @@ pub fn run(options: &Options) -> Result<()> {
 
     if !table.is_empty() {
         println!(
-            "\n{:<7} {:<9} {:<8} {:>9} {:>10} {:>12} {:>9} {:>9} {:>11} {:>7}",
-            "SIZE", "LOAD", "VARIANT", "OFFERED", "REQ/S", "CPU µs/REQ", "P50 µs", "P99 µs", "P99 ALL µs", "FAILED"
+            "\n{:<7} {:<11} {:<9} {:>7} {:>7} {:>21} {:>7} {:>19} {:>10} {:>6}",
+            "SIZE",
+            "LOAD",
+            "VARIANT",
+            "OFFERED",
+            "REQ/S",
+            "CPU µs/REQ (MIN-MAX)",
+            "P50 µs",
+            "P99 µs (MIN-MAX)",
+            "P99 ALL µs",
+            "FAILED"
         );
         for row in &table {
-            let median = |key: &str| row[key][0].as_f64().unwrap_or(0.0);
+            let stat = |key: &str, at: usize| row[key][at].as_f64().unwrap_or(0.0);
             println!(
-                "{:<7} {:<9} {:<8} {:>9} {:>10.0} {:>12.1} {:>9.0} {:>9.0} {:>11} {:>7}",
+                "{:<7} {:<11} {:<9} {:>7} {:>7.0} {:>21} {:>7.0} {:>19} {:>10} {:>6}",
                 row["size"].as_str().unwrap_or(""),
                 row["load"].as_str().unwrap_or(""),
                 row["variant"].as_str().unwrap_or(""),
                 row["offered"].as_f64().map_or("-".to_owned(), |o| format!("{o:.0}")),
-                median("requests_per_second"),
-                median("envoy_cpu_us_per_request"),
-                median("p50_us"),
-                median("p99_us"),
+                stat("requests_per_second", 0),
+                format!(
+                    "{:.1} ({:.1}-{:.1})",
+                    stat("envoy_cpu_us_per_request", 0),
+                    stat("envoy_cpu_us_per_request", 1),
+                    stat("envoy_cpu_us_per_request", 2)
+                ),
+                stat("p50_us", 0),
+                format!("{:.0} ({:.0}-{:.0})", stat("p99_us", 0), stat("p99_us", 1), stat("p99_us", 2)),
                 row["p99_all_rounds_us"].as_f64().map_or("-".to_owned(), |p| format!("{p:.0}")),
                 row["failed"]
             );
         }
         println!(
-            "\n(medians of {} interleaved rounds of {} s, P99 ALL over every round's requests; ranges in target/bench/runs.json)",
+            "\n(medians of {} interleaved rounds of {} s, with their min-max; P99 ALL over every round's requests; \
+             every run in target/bench/runs.json)",
             options.rounds, options.seconds
         );
+        println!(
+            "\n{:<7} {:<11} {:<9}   {:>27}   {:>27}",
+            "RATIOS", "", "", "TO THE NO-OP WASM FILTER", "TO ENVOY'S NATIVE TAP"
+        );
+        println!(
+            "{:<7} {:<11} {:<9}   {:>6} {:>6} {:>6} {:>6}   {:>6} {:>6} {:>6} {:>6}",
+            "SIZE", "LOAD", "VARIANT", "REQ/S", "P50", "P99", "CPU", "REQ/S", "P50", "P99", "CPU"
+        );
+        let ratio = |row: &serde_json::Value, to: &str, key: &str| {
+            row[to][key].as_f64().map_or("-".to_owned(), |r| format!("{r:.2}"))
+        };
+        for row in &table {
+            println!(
+                "{:<7} {:<11} {:<9}   {:>6} {:>6} {:>6} {:>6}   {:>6} {:>6} {:>6} {:>6}",
+                row["size"].as_str().unwrap_or(""),
+                row["load"].as_str().unwrap_or(""),
+                row["variant"].as_str().unwrap_or(""),
+                ratio(row, "to_noop", "requests_per_second"),
+                ratio(row, "to_noop", "p50_us"),
+                ratio(row, "to_noop", "p99_us"),
+                ratio(row, "to_noop", "envoy_cpu_us_per_request"),
+                ratio(row, "to_tap", "requests_per_second"),
+                ratio(row, "to_tap", "p50_us"),
+                ratio(row, "to_tap", "p99_us"),
+                ratio(row, "to_tap", "envoy_cpu_us_per_request"),
+            );
+        }
+        println!("(medians over the reference's medians, same size and load)");
         // Where capture's CPU goes: the ABI's unavoidable reads, and the filter's own work.
         for ((size, load, variant), capture) in &medians {
             if variant != "capture" {
@@ -1131,6 +1208,29 @@ pub fn which(program: &str) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::round_order;
+
+    #[test]
+    fn rows_get_their_ratios_to_noop_and_tap_of_the_same_size_and_load() {
+        let row = |size: &str, load: &str, variant: &str, cpu: f64| {
+            serde_json::json!({"size": size, "load": load, "variant": variant, "requests_per_second": [1000.0, 0, 0],
+                "p50_us": [100.0, 0, 0], "p99_us": [cpu * 10.0, 0, 0], "envoy_cpu_us_per_request": [cpu, 1.0, 2.0]})
+        };
+        let mut table = vec![
+            row("1KiB", "closed", "noop", 50.0),
+            row("1KiB", "closed", "capture", 75.0),
+            row("1KiB", "closed", "tap", 150.0),
+            row("1KiB", "open-http1", "noop", 100.0),
+            row("1KiB", "open-http1", "capture", 130.0),
+        ];
+        super::add_ratios(&mut table);
+        assert_eq!(table[1]["to_noop"]["envoy_cpu_us_per_request"], 1.5);
+        assert_eq!(table[1]["to_noop"]["p99_us"], 1.5);
+        assert_eq!(table[1]["to_noop"]["requests_per_second"], 1.0);
+        assert_eq!(table[1]["to_tap"]["envoy_cpu_us_per_request"], 0.5);
+        assert_eq!(table[0]["to_noop"]["envoy_cpu_us_per_request"], 1.0);
+        assert_eq!(table[4]["to_noop"]["envoy_cpu_us_per_request"], 1.3, "the open loop's own no-op");
+        assert!(table[4]["to_tap"].is_null(), "no tap ran under that load");
+    }
 
     #[test]
     fn capture_and_candidate_swap_places_every_other_round() {
