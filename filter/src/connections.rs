@@ -1,12 +1,14 @@
 //! What the filter learns once per downstream connection and reuses for each of its requests.
 //!
-//! Envoy gives HTTP filters no connection-level context, and each property read costs a trip
-//! through Envoy's expression machinery (about as much as the rest of the filter's per-request
-//! work together), so the addresses, the listener direction and the HTTP version are read on the
-//! first request of a connection and kept here, keyed by `connection.id` (unique for the life of
-//! the Envoy process, never reused), with the metadata its exchanges share already encoded for
-//! their start frames, and handed to each request by reference count, not copied. The cache is bounded: past `capacity` connections the
-//! oldest entry is forgotten, and a later request of that connection reads the properties again.
+//! Envoy gives HTTP filters no connection-level context, and each property read costs Envoy a
+//! trip through its expression machinery and a call back into the module for the result's
+//! memory: 4-8 µs a read in the bench's A/B, more than the module's whole own work for an
+//! exchange. So the addresses, the listener direction and the HTTP version are read on the
+//! first request of a connection and kept here, keyed by Envoy's `connection_id` (unique for the
+//! life of the Envoy process, never reused), with the metadata its exchanges share already
+//! encoded for their start frames, and handed to each request by reference count, not copied.
+//! The cache is bounded: past `capacity` connections the oldest entry is forgotten, and a later
+//! request of that connection reads the properties again.
 
 use std::{
     collections::{HashMap, VecDeque},
