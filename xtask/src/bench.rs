@@ -463,6 +463,8 @@ pub fn run(options: &Options) -> Result<()> {
     let out = target_dir().join("bench");
     let dir = out.join(format!("run-{}", SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs()));
     std::fs::create_dir_all(&dir)?;
+    let machine = crate::machine::Machine::read(tools::envoy().ok().as_deref(), which("node").ok().as_deref());
+    eprintln!("bench: {}", machine.summary());
     // First, while nothing else runs.
     let filter_part = if options.runs("filter") { Some(filter_part(&dir)?) } else { None };
     let mut setup = start(&dir, options)?;
@@ -601,6 +603,7 @@ pub fn run(options: &Options) -> Result<()> {
     std::fs::write(
         out.join("runs.json"),
         serde_json::to_vec_pretty(&json!({
+            "machine": machine,
             "runs": runs, "medians": table, "ingest": ingest, "capture_latency": latency, "overload": overload,
             "filter_part": filter_part,
             "rss_bytes_after_proxy_part": rss,
@@ -778,7 +781,8 @@ pub fn run(options: &Options) -> Result<()> {
             );
         }
     }
-    println!("\nwritten: {}, {}", out.join("summary.json").display(), out.join("runs.json").display());
+    println!("\nmeasured on: {}", machine.summary());
+    println!("written: {}, {}", out.join("summary.json").display(), out.join("runs.json").display());
     Ok(())
 }
 

@@ -12,6 +12,7 @@ mod bench;
 mod demo;
 mod ingest;
 mod install;
+mod machine;
 mod openloop;
 mod overload;
 
