@@ -63,6 +63,14 @@ pub fn wasm() -> Result<PathBuf> {
     )
 }
 
+/// The native read floor (`native-floor/`), the shared library Envoy loads as a dynamic module.
+pub fn native_floor() -> Result<PathBuf> {
+    built(
+        target_dir().join("debug/libpacket_inspector_native_floor.so"),
+        "cargo build -p packet-inspector-native-floor",
+    )
+}
+
 /// A daemon binary of this workspace (`packet-inspector-aggregator`, ...), debug profile.
 pub fn binary(name: &str) -> Result<PathBuf> {
     built(target_dir().join("debug").join(name), "cargo build --bins")

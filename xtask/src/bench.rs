@@ -2,11 +2,13 @@
 //! targets of the benchmark issue printed as PASS/FAIL and written, with every raw run, under
 //! `target/bench/` (`runs.json`, `summary.json`). Not a test: nothing asserts a timing.
 //!
-//! 1. Proxy cost: five Envoys under test (`--concurrency 1`, pinned to core 0) forward to one
+//! 1. Proxy cost: six Envoys under test (`--concurrency 1`, pinned to core 0) forward to one
 //!    upstream Envoy answering 1 KiB or 64 KiB bodies (`direct_response`): no filter, the
 //!    project's no-op Wasm filter (the VM-crossing floor), the read floor (the no-op filter plus
-//!    the host calls any capture must make: header maps, bodies, time), the capture filter
-//!    (aggregator running), and Envoy's own tap filter writing every exchange to a file. Load comes from
+//!    the host calls any capture must make: header maps, bodies, time), the native read floor
+//!    (the same reads and the two per-request properties through Envoy's dynamic-module ABI, no
+//!    VM: `native-floor/`), the capture filter (aggregator running), and Envoy's own tap filter
+//!    writing every exchange to a file. Load comes from
 //!    core 1, in interleaved rounds (A B C D A B C D ...), three ways: `wrk` closed loop (as fast
 //!    as each variant goes: its capacity), then at a fixed rate, the same for every variant
 //!    (half the slowest variant's capacity): HTTP/1.1 open loop (`openloop.rs`) and HTTP/2 (h2c)
@@ -32,7 +34,7 @@ use anyhow::{bail, Context, Result};
 use packet_inspector_tests::{certs::Ca, free_port, mesh::admin_get, process::Process, target_dir, tools, wait_for};
 use serde_json::json;
 
-pub const VARIANTS: [&str; 6] = ["none", "noop", "floor", "capture", "candidate", "tap"];
+pub const VARIANTS: [&str; 7] = ["none", "noop", "floor", "native-floor", "capture", "candidate", "tap"];
 pub const SIZES: [(&str, usize); 2] = [("1KiB", 1024), ("64KiB", 65536)];
 pub const PARTS: [&str; 5] = ["filter", "proxy", "overload", "latency", "ingest"];
 
@@ -613,7 +615,7 @@ pub fn run(options: &Options) -> Result<()> {
 
     if !table.is_empty() {
         println!(
-            "\n{:<7} {:<11} {:<9} {:>7} {:>7} {:>21} {:>7} {:>19} {:>10} {:>6}",
+            "\n{:<7} {:<11} {:<12} {:>7} {:>7} {:>21} {:>7} {:>19} {:>10} {:>6}",
             "SIZE",
             "LOAD",
             "VARIANT",
@@ -628,7 +630,7 @@ pub fn run(options: &Options) -> Result<()> {
         for row in &table {
             let stat = |key: &str, at: usize| row[key][at].as_f64().unwrap_or(0.0);
             println!(
-                "{:<7} {:<11} {:<9} {:>7} {:>7.0} {:>21} {:>7.0} {:>19} {:>10} {:>6}",
+                "{:<7} {:<11} {:<12} {:>7} {:>7.0} {:>21} {:>7.0} {:>19} {:>10} {:>6}",
                 row["size"].as_str().unwrap_or(""),
                 row["load"].as_str().unwrap_or(""),
                 row["variant"].as_str().unwrap_or(""),
@@ -652,11 +654,11 @@ pub fn run(options: &Options) -> Result<()> {
             options.rounds, options.seconds
         );
         println!(
-            "\n{:<7} {:<11} {:<9}   {:>27}   {:>27}",
+            "\n{:<7} {:<11} {:<12}   {:>27}   {:>27}",
             "RATIOS", "", "", "TO THE NO-OP WASM FILTER", "TO ENVOY'S NATIVE TAP"
         );
         println!(
-            "{:<7} {:<11} {:<9}   {:>6} {:>6} {:>6} {:>6}   {:>6} {:>6} {:>6} {:>6}",
+            "{:<7} {:<11} {:<12}   {:>6} {:>6} {:>6} {:>6}   {:>6} {:>6} {:>6} {:>6}",
             "SIZE", "LOAD", "VARIANT", "REQ/S", "P50", "P99", "CPU", "REQ/S", "P50", "P99", "CPU"
         );
         let ratio = |row: &serde_json::Value, to: &str, key: &str| {
@@ -664,7 +666,7 @@ pub fn run(options: &Options) -> Result<()> {
         };
         for row in &table {
             println!(
-                "{:<7} {:<11} {:<9}   {:>6} {:>6} {:>6} {:>6}   {:>6} {:>6} {:>6} {:>6}",
+                "{:<7} {:<11} {:<12}   {:>6} {:>6} {:>6} {:>6}   {:>6} {:>6} {:>6} {:>6}",
                 row["size"].as_str().unwrap_or(""),
                 row["load"].as_str().unwrap_or(""),
                 row["variant"].as_str().unwrap_or(""),
@@ -701,6 +703,18 @@ pub fn run(options: &Options) -> Result<()> {
                     candidate.cpu_us / capture.cpu_us,
                     candidate.cpu_us - capture.cpu_us,
                     candidate.p99_us / capture.p99_us
+                );
+            }
+            // What the same reads cost without the VM: the native read floor against the Wasm
+            // no-op, which only crosses into the VM and back.
+            if let (Some(none), Some(noop), Some(native)) = (of("none"), of("noop"), of("native-floor")) {
+                println!(
+                    "{size} {}: CPU µs/request above no filter: native read floor {:+.1}, Wasm no-op {:+.1}, \
+                     capture {:+.1}",
+                    load.name(),
+                    native - none,
+                    noop - none,
+                    capture.cpu_us - none
                 );
             }
             // Context, not a target: what each adds to a proxy that runs no filter at all.
@@ -951,6 +965,15 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
             "none" => String::new(),
             "noop" => wasm_filter(&noop_module, "{}"),
             "floor" => wasm_filter(&floor_module, "{}"),
+            "native-floor" => format!(
+                r#"
+          - name: native_floor
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+              dynamic_module_config: {{ module: {{ local: {{ filename: {} }} }} }}
+              filter_name: native_floor"#,
+                release.join("libpacket_inspector_native_floor.so").display()
+            ),
             "capture" => wasm_filter(&capture_module, CAPTURE_CONFIGURATION),
             "candidate" => wasm_filter(
                 options.candidate.as_deref().unwrap_or(&capture_module),
@@ -1181,7 +1204,7 @@ fn proxy(
                         envoy_cpu_us_per_request: cpu_us / result.requests.max(1) as f64,
                     };
                     eprintln!(
-                        "bench: {size:5} {:8} round {round} {variant:8} {:>8.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  {:>6.1} µs CPU/req  {} failed",
+                        "bench: {size:5} {:8} round {round} {variant:12} {:>8.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  {:>6.1} µs CPU/req  {} failed",
                         load.name(),
                         run.requests_per_second,
                         run.p50_us,

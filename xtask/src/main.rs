@@ -56,9 +56,9 @@ enum Task {
         /// Parts to run: filter, proxy, overload, latency, ingest.
         #[arg(long, value_delimiter = ',', default_value = "filter,proxy,overload,latency,ingest")]
         parts: Vec<String>,
-        /// Proxy variants to load: none, noop, floor, capture, tap (and candidate, with
+        /// Proxy variants to load: none, noop, floor, native-floor, capture, tap (and candidate, with
         /// `--candidate`).
-        #[arg(long, value_delimiter = ',', default_value = "none,noop,floor,capture,tap")]
+        #[arg(long, value_delimiter = ',', default_value = "none,noop,floor,native-floor,capture,tap")]
         variants: Vec<String>,
         /// Response body sizes: 1KiB, 64KiB.
         #[arg(long, value_delimiter = ',', default_value = "1KiB,64KiB")]
@@ -119,7 +119,11 @@ fn build() -> Result<()> {
         "packet-inspector-analysis-emulator",
         "--bins",
     ]);
-    run(daemons)
+    run(daemons)?;
+    // The bench's native read floor, which an end-to-end test loads into Envoy.
+    let mut native_floor = cargo();
+    native_floor.args(["build", "--package", "packet-inspector-native-floor"]);
+    run(native_floor)
 }
 
 /// Formatting, and clippy with warnings as errors on the workspace and on the wasm build
@@ -197,6 +201,10 @@ fn main() -> Result<()> {
                 "--bins",
             ]);
             run(release)?;
+            // The native read floor (a shared library Envoy loads).
+            let mut native = cargo();
+            native.args(["build", "--release", "--package", "packet-inspector-native-floor"]);
+            run(native)?;
             // The filter's logic without host calls (the `filter` part), natively and for V8.
             install::debian_package("node", "nodejs")?;
             for target in [None, Some("wasm32-wasip1")] {
