@@ -338,29 +338,24 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
 // (it starts no callouts, streams or scheduled events, and reacts to no watermark). Envoy passes
 // more arguments to some of them; C callees may leave trailing arguments unread.
 
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(_: FilterEnvoyPtr, _: FilterModulePtr) {}
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(_: FilterEnvoyPtr, _: FilterModulePtr) {}
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(_: FilterEnvoyPtr, _: FilterModulePtr) {}
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(_: FilterEnvoyPtr, _: FilterModulePtr) {}
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(_: FilterEnvoyPtr, _: FilterModulePtr) {}
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(_: FilterEnvoyPtr, _: FilterModulePtr) {}
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(_: FilterEnvoyPtr, _: FilterModulePtr, _: u64) {}
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
-    _: FilterEnvoyPtr,
-    _: FilterModulePtr,
-) {
+/// Exports each named hook as one that does nothing.
+macro_rules! unused_hooks {
+    ($($hook:ident),* $(,)?) => {
+        $(
+            #[no_mangle]
+            pub extern "C" fn $hook(_: FilterEnvoyPtr, _: FilterModulePtr) {}
+        )*
+    };
 }
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
-    _: FilterEnvoyPtr,
-    _: FilterModulePtr,
-) {
-}
+
+unused_hooks!(
+    envoy_dynamic_module_on_http_filter_http_callout_done,
+    envoy_dynamic_module_on_http_filter_http_stream_headers,
+    envoy_dynamic_module_on_http_filter_http_stream_data,
+    envoy_dynamic_module_on_http_filter_http_stream_trailers,
+    envoy_dynamic_module_on_http_filter_http_stream_complete,
+    envoy_dynamic_module_on_http_filter_http_stream_reset,
+    envoy_dynamic_module_on_http_filter_scheduled,
+    envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark,
+    envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark,
+);
