@@ -14,15 +14,16 @@
 //! - the time, once per event, as capture stamps its frames.
 //!
 //! It never sends the buffer anywhere: what it measures is what any native capture must pay to
-//! Envoy before encoding and sending, the counterpart of the Wasm read floor (`filter`'s
-//! `read-floor` feature). `cargo xtask bench` loads it as the proxy variant `native-floor`.
+//! Envoy before encoding and sending. It is the counterpart of the Wasm read floor (`filter`'s
+//! `read-floor` feature) with the two per-request attributes capture adds to that floor.
+//! `cargo xtask bench` loads it as the proxy variant `native-floor`.
 //!
 //! The ABI is Envoy's (`source/extensions/dynamic_modules/abi/abi.h`), pre-1.0 and tied to the
-//! Envoy release; the declarations here follow Envoy 1.40.0 (ABI v0.2.0) and were checked against it: the
-//! header and body-chunk counts are returned (not written through a pointer), a string
-//! attribute is written into a buffer struct, and the attribute ids below read the connection id
-//! and `127.0.0.1:<port>` of the upstream. Envoy refuses to load the library, naming the hook,
-//! if one it requires is missing.
+//! Envoy release. The declarations here follow Envoy 1.40.0 (ABI v0.2.0) and were checked
+//! against it: the header and body-chunk counts are returned (not written through a pointer), a
+//! string attribute is written into a buffer struct, and the attribute ids below read the
+//! connection id and `127.0.0.1:<port>` of the upstream. Envoy refuses to load the library,
+//! naming the hook, if one it requires is missing.
 
 use std::{
     cell::RefCell,
