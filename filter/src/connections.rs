@@ -12,7 +12,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    rc::Rc,
+    sync::Arc,
 };
 
 use crate::wire::SharedMetadata;
@@ -30,7 +30,7 @@ pub struct ConnectionFacts {
 /// Facts by connection id, shared with the requests that use them (no copy per request).
 #[derive(Debug)]
 pub struct ConnectionCache<T = ConnectionFacts> {
-    facts: HashMap<u64, Rc<T>>,
+    facts: HashMap<u64, Arc<T>>,
     /// Connection ids, oldest first.
     order: VecDeque<u64>,
     capacity: usize,
@@ -43,21 +43,21 @@ impl<T> ConnectionCache<T> {
 
     /// The facts of connection `id`, read with `read` unless known. Id 0 means Envoy did not say
     /// which connection: they are read every time then.
-    pub fn facts(&mut self, id: u64, read: impl FnOnce() -> T) -> Rc<T> {
+    pub fn facts(&mut self, id: u64, read: impl FnOnce() -> T) -> Arc<T> {
         if id == 0 {
-            return Rc::new(read());
+            return Arc::new(read());
         }
         if let Some(known) = self.facts.get(&id) {
-            return Rc::clone(known);
+            return Arc::clone(known);
         }
         if self.order.len() >= self.capacity {
             if let Some(oldest) = self.order.pop_front() {
                 self.facts.remove(&oldest);
             }
         }
-        let facts = Rc::new(read());
+        let facts = Arc::new(read());
         self.order.push_back(id);
-        self.facts.insert(id, Rc::clone(&facts));
+        self.facts.insert(id, Arc::clone(&facts));
         facts
     }
 
@@ -92,7 +92,7 @@ mod tests {
         }
         assert_eq!(reads, 1);
         let (first, again) = (cache.facts(42, || facts(2)), cache.facts(42, || facts(3)));
-        assert!(Rc::ptr_eq(&first, &again), "requests share the facts, not copies");
+        assert!(Arc::ptr_eq(&first, &again), "requests share the facts, not copies");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! `Rc<RefCell<_>>` and records its traffic as it passes. Every callback returns `Continue`:
 //! capture never holds traffic.
 
-use std::{cell::RefCell, rc::Rc, time::Duration};
+use std::{cell::RefCell, rc::Rc, sync::Arc, time::Duration};
 
 use packet_inspector_proto::capture::{
     frame::Kind, DiameterMessage, Direction, Frame, Protocol, Role, TransactionMetadata,
@@ -121,7 +121,7 @@ impl Shared {
 
     /// The id and facts of the current request's downstream connection, from the cache when
     /// known.
-    fn connection(&mut self) -> (u64, Rc<ConnectionFacts>) {
+    fn connection(&mut self) -> (u64, Arc<ConnectionFacts>) {
         let id = connection_id();
         let Self { connections, node, config, .. } = self;
         let facts = connections.facts(id, || ConnectionFacts {

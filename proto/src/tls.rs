@@ -53,7 +53,7 @@ pub enum TlsError {
     KeyMismatch { cert: PathBuf, key: PathBuf, source: rustls::Error },
     #[error("cannot build a client-certificate verifier from {path}: {source}")]
     Verifier { path: PathBuf, source: rustls::server::VerifierBuilderError },
-    #[error("{host:?} is not a DNS name; the analysis service's certificate is checked for a DNS-name SAN equal to this host")]
+    #[error("{host:?} is not a DNS name; the server certificate is checked for a DNS-name SAN equal to it")]
     NotADnsName { host: String },
     #[error("invalid endpoint {uri}: {source}")]
     Endpoint { uri: String, source: tonic::transport::Error },
@@ -380,9 +380,25 @@ pub fn connect_lazy(
     config: Arc<Reloading<ClientConfig>>,
     connect_timeout: Duration,
 ) -> Result<Channel, TlsError> {
-    let server_name = match ServerName::try_from(host.to_owned()) {
+    connect_lazy_as(host, port, host, config, connect_timeout)
+}
+
+/// [`connect_lazy`] to `host:port`, checking the server certificate for `server_name` instead
+/// of `host` (an address the certificate does not name, as a sidecar dials a Service's cluster
+/// IP and checks its DNS name).
+///
+/// # Errors
+/// When `server_name` is not a DNS name.
+pub fn connect_lazy_as(
+    host: &str,
+    port: u16,
+    server_name: &str,
+    config: Arc<Reloading<ClientConfig>>,
+    connect_timeout: Duration,
+) -> Result<Channel, TlsError> {
+    let server_name = match ServerName::try_from(server_name.to_owned()) {
         Ok(name @ ServerName::DnsName(_)) => name,
-        _ => return Err(TlsError::NotADnsName { host: host.to_owned() }),
+        _ => return Err(TlsError::NotADnsName { host: server_name.to_owned() }),
     };
     // The URI only names the authority; TLS is ours, so tonic sees plain `http`.
     let uri = format!("http://{host}:{port}");

@@ -45,6 +45,8 @@ pub const ANALYSIS_HOST: &str = "localhost";
 pub const CAPTURE_STREAMS: u64 = 4;
 /// The Diameter port, where Wireshark decodes Diameter without options.
 pub const DIAMETER_PORT: u16 = 3868;
+/// Where Envoy puts the native capture's counters.
+pub const NATIVE_STATS: &str = "dynamicmodulescustom";
 const STARTUP: Duration = Duration::from_secs(60);
 
 /// How the sidecars capture.
@@ -59,6 +61,11 @@ pub enum SidecarCapture {
     /// fills in the aggregator's ports and the module's URL and sha256), applied to the bare
     /// sidecars the way istiod applies them (see [`crate::envoyfilter`]).
     Chart { values: serde_json::Value },
+    /// By the native capture (`native-capture/`) instead of the Wasm filters: the bare sidecars
+    /// with the dynamic module before the router of every HTTP connection manager, its role
+    /// from the listener's direction, connecting to the aggregator with the sidecar's
+    /// certificates. It captures HTTP only (Diameter stays uncaptured).
+    Native,
 }
 
 #[derive(Debug, Clone)]
@@ -68,7 +75,8 @@ pub struct MeshOptions {
     pub max_body_bytes: u64,
     /// DNS name in the analysis emulator's certificate (a mismatch must stop forwarding).
     pub analysis_san: String,
-    /// The filter's plugin configuration (JSON) instead of the default one.
+    /// The filter's plugin configuration (JSON) instead of the default one; with the native
+    /// capture, keys merged over the run's configuration instead.
     pub filter_config: Option<String>,
     /// The aggregator's `--segment-interval-ms` (its own default when `None`).
     pub segment_interval_ms: Option<u64>,
@@ -137,7 +145,10 @@ pub struct Mesh {
     /// Set until startup succeeds, so a failed start keeps its logs for inspection.
     failed: bool,
     capture: SidecarCapture,
-    /// Patches applied per sidecar (chart mode).
+    max_body_bytes: u64,
+    /// Merged over the native capture's configuration.
+    native_overrides: Option<String>,
+    /// Patches applied per sidecar (chart and native modes).
     pub patches_applied: Vec<(String, usize)>,
 }
 
@@ -210,6 +221,8 @@ impl Mesh {
             dir,
             failed: true,
             capture: options.capture.clone(),
+            max_body_bytes: options.max_body_bytes,
+            native_overrides: options.filter_config.clone(),
             patches_applied: Vec::new(),
         };
         mesh.start_emulator()?;
@@ -278,8 +291,9 @@ impl Mesh {
         let sidecars =
             if matches!(mesh.capture, SidecarCapture::Bare) { vec![] } else { vec![Sidecar::Client, Sidecar::Server] };
         for sidecar in sidecars {
+            let streams = mesh.capture_streams();
             let ready = wait_for(&format!("{sidecar:?} sidecar's capture stream"), STARTUP, || {
-                mesh.counter(sidecar, "streams_ready").ok().filter(|n| *n >= CAPTURE_STREAMS)
+                mesh.counter(sidecar, "streams_ready").ok().filter(|n| *n >= streams)
             });
             if let Err(err) = ready {
                 bail!("{err}\n{}", mesh.log_tails(40));
@@ -307,9 +321,70 @@ impl Mesh {
             let applied = crate::envoyfilter::apply(&mut config, &envoy_filters, &emulation)?;
             self.patches_applied.push((name.to_owned(), applied));
         }
+        if let SidecarCapture::Native = self.capture {
+            let applied = self.insert_native_capture(&mut config, certs)?;
+            self.patches_applied.push((name.to_owned(), applied));
+        }
         let path = self.dir.join(format!("{name}.json"));
         std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
         Ok(path)
+    }
+
+    /// Puts the native capture before the router of every HTTP connection manager; returns
+    /// how many.
+    fn insert_native_capture(&self, config: &mut serde_json::Value, certs: &Path) -> Result<usize> {
+        let library = tools::native_capture()?;
+        let mut inserted = 0;
+        for listener in
+            config.pointer_mut("/static_resources/listeners").and_then(|v| v.as_array_mut()).into_iter().flatten()
+        {
+            let role = match listener.get("traffic_direction").and_then(|v| v.as_str()) {
+                Some("INBOUND") => "producer",
+                Some("OUTBOUND") => "consumer",
+                _ => "auto",
+            };
+            let mut settings = serde_json::json!({
+                "aggregator": {
+                    "address": format!("127.0.0.1:{}", self.aggregator_port),
+                    "serverName": AGGREGATOR_SAN,
+                    "caFile": certs.join("root-cert.pem"),
+                    "certFile": certs.join("cert-chain.pem"),
+                    "keyFile": certs.join("key.pem"),
+                },
+                "maxBodyBytes": self.max_body_bytes,
+                "flushIntervalMs": 50,
+                "role": role,
+            });
+            if let Some(overrides) = &self.native_overrides {
+                merge(&mut settings, serde_json::from_str(overrides).context("native capture overrides")?);
+            }
+            let filter = serde_json::json!({
+                "name": "packet_inspector_native",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+                    "dynamic_module_config": {"module": {"local": {"filename": library}}},
+                    "filter_name": "packet_inspector",
+                    "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": settings.to_string()},
+                },
+            });
+            for chain in listener.get_mut("filter_chains").and_then(|v| v.as_array_mut()).into_iter().flatten() {
+                for network_filter in chain.get_mut("filters").and_then(|v| v.as_array_mut()).into_iter().flatten() {
+                    let Some(http_filters) =
+                        network_filter.pointer_mut("/typed_config/http_filters").and_then(|v| v.as_array_mut())
+                    else {
+                        continue;
+                    };
+                    let router = http_filters
+                        .iter()
+                        .position(|f| f.get("name").and_then(|n| n.as_str()) == Some("envoy.filters.http.router"));
+                    if let Some(router) = router {
+                        http_filters.insert(router, filter.clone());
+                        inserted += 1;
+                    }
+                }
+            }
+        }
+        Ok(inserted)
     }
 
     /// The filter chart's EnvoyFilters for this run: `values` plus the aggregator's ports and
@@ -351,6 +426,15 @@ impl Mesh {
         let template = std::fs::read_to_string(template).with_context(|| format!("reading {}", template.display()))?;
         let config = self.sidecar_config(name, render(&template, values)?, certs)?;
         let mut command = Command::new(tools::envoy()?);
+        // The pod's identity as Istio puts it in the sidecar's environment (the native capture
+        // reads it there; the Wasm filter reads the node metadata).
+        for (key, variable) in
+            [("POD_NAME", "POD_NAME"), ("NAMESPACE", "POD_NAMESPACE"), ("WORKLOAD", "ISTIO_META_WORKLOAD_NAME")]
+        {
+            if let Some((_, value)) = values.iter().find(|(k, _)| *k == key) {
+                command.env(variable, value);
+            }
+        }
         command.arg("-c").arg(&config).args([
             "--concurrency",
             "1",
@@ -358,7 +442,7 @@ impl Mesh {
             "--log-level",
             "info",
             "--component-log-level",
-            "wasm:debug",
+            "wasm:debug,dynamic_modules:debug",
         ]);
         let mut process = Process::spawn(name, command, &self.dir.join(format!("{name}.log")))?;
         let ready = wait_for(&format!("{name} to be ready"), STARTUP, || {
@@ -492,18 +576,35 @@ impl Mesh {
         Ok(())
     }
 
+    /// Capture streams per sidecar: [`CAPTURE_STREAMS`], or the native capture's one per worker
+    /// (HTTP only).
+    pub fn capture_streams(&self) -> u64 {
+        if self.is_native() {
+            1
+        } else {
+            CAPTURE_STREAMS
+        }
+    }
+
+    /// Whether the sidecars capture with the native capture.
+    pub fn is_native(&self) -> bool {
+        matches!(self.capture, SidecarCapture::Native)
+    }
+
     /// Stops the aggregator with SIGTERM; returns whether it exited cleanly.
     pub fn stop_aggregator(&mut self) -> bool {
         self.aggregator.take().and_then(|mut p| p.stop(Duration::from_secs(30))).is_some_and(|s| s.success())
     }
 
-    /// A filter counter from a sidecar's stats (`wasmcustom.packet_inspector.<name>`).
+    /// A filter counter from a sidecar's stats (`wasmcustom.packet_inspector.<name>`, or the
+    /// native capture's `dynamicmodulescustom.packet_inspector.<name>`).
     pub fn counter(&self, sidecar: Sidecar, name: &str) -> Result<u64> {
         let admin = match sidecar {
             Sidecar::Client => self.client_admin,
             Sidecar::Server => self.server_admin,
         };
-        let stat = format!("wasmcustom.packet_inspector.{name}");
+        let namespace = if matches!(self.capture, SidecarCapture::Native) { NATIVE_STATS } else { "wasmcustom" };
+        let stat = format!("{namespace}.packet_inspector.{name}");
         let stats = admin_get(admin, &format!("/stats?filter=^{}$", stat.replace('.', "\\.")))?;
         stats
             .lines()

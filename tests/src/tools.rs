@@ -71,6 +71,14 @@ pub fn native_floor() -> Result<PathBuf> {
     )
 }
 
+/// The native capture (`native-capture/`), the shared library Envoy loads as a dynamic module.
+pub fn native_capture() -> Result<PathBuf> {
+    built(
+        target_dir().join("debug/libpacket_inspector_native_capture.so"),
+        "cargo build -p packet-inspector-native-capture",
+    )
+}
+
 /// A daemon binary of this workspace (`packet-inspector-aggregator`, ...), debug profile.
 pub fn binary(name: &str) -> Result<PathBuf> {
     built(target_dir().join("debug").join(name), "cargo build --bins")

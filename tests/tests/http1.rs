@@ -7,7 +7,7 @@ use std::time::Duration;
 use bson::{Bson, Document};
 use packet_inspector_tests::{
     http::Response,
-    mesh::{self, CaptureFiles, Mesh, MeshOptions, Sidecar},
+    mesh::{self, CaptureFiles, Mesh, MeshOptions, Sidecar, SidecarCapture},
     tshark, wait_for,
 };
 
@@ -164,7 +164,10 @@ fn check_capture(
     assert_eq!(metadata.get_str("requestId").unwrap(), request_id, "{context}");
     assert_eq!(metadata.get_str("protocol").unwrap(), "http1", "{context}");
     assert_eq!(metadata.get_str("node").unwrap(), "demo-node-1", "{context}");
-    assert_eq!(metadata.get_document("labels").unwrap().get_str("app").unwrap(), workload, "{context}");
+    if !mesh.is_native() {
+        // The node metadata's pod labels; the native capture has no node metadata to read.
+        assert_eq!(metadata.get_document("labels").unwrap().get_str("app").unwrap(), workload, "{context}");
+    }
     let remote_port = metadata.get_document("downstreamRemote").unwrap().get_i32("port").unwrap();
     assert_eq!(remote_port.to_string(), client.1, "{context}: BSON and pcap agree on the client port");
     let stored_request = document.get_document("request").unwrap();
@@ -180,7 +183,17 @@ fn check_capture(
 
 #[test]
 fn http1_exchanges_are_captured_on_both_sides() {
-    let mesh = Mesh::start(MeshOptions { max_body_bytes: BODY_LIMIT, ..Default::default() }).unwrap();
+    exchanges_are_captured_on_both_sides(SidecarCapture::Sample);
+}
+
+/// The same exchanges and the same checks with the native capture in both sidecars.
+#[test]
+fn http1_exchanges_are_captured_on_both_sides_by_the_native_capture() {
+    exchanges_are_captured_on_both_sides(SidecarCapture::Native);
+}
+
+fn exchanges_are_captured_on_both_sides(capture: SidecarCapture) {
+    let mesh = Mesh::start(MeshOptions { max_body_bytes: BODY_LIMIT, capture, ..Default::default() }).unwrap();
     let big: Vec<u8> = (0..5000u32).map(|i| b'a' + (i % 26) as u8).collect();
     let json = br#"{"reviewer":"kim","rating":5,"text":"grand"}"#;
     let cases: Vec<(&str, String, Vec<u8>, Expect)> = vec![
@@ -285,7 +298,17 @@ fn http1_exchanges_are_captured_on_both_sides() {
 
 #[test]
 fn aggregator_outage_costs_captures_never_requests() {
-    let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
+    aggregator_outage_costs_captures_never_requests_with(SidecarCapture::Sample);
+}
+
+/// The native capture's own transport through the same outage.
+#[test]
+fn aggregator_outage_costs_captures_never_requests_with_the_native_capture() {
+    aggregator_outage_costs_captures_never_requests_with(SidecarCapture::Native);
+}
+
+fn aggregator_outage_costs_captures_never_requests_with(capture: SidecarCapture) {
+    let mut mesh = Mesh::start(MeshOptions { capture, ..Default::default() }).unwrap();
     let closed_before = mesh.counter(Sidecar::Client, "streams_closed").unwrap();
     assert!(mesh.stop_aggregator(), "the aggregator exits cleanly on SIGTERM");
     wait_for("the client sidecar to notice the aggregator is gone", Duration::from_secs(20), || {
@@ -319,7 +342,7 @@ fn aggregator_outage_costs_captures_never_requests() {
     let opened_before = mesh.counter(Sidecar::Client, "streams_opened").unwrap();
     wait_for("failed reconnect attempts", Duration::from_secs(20), || {
         let opened = mesh.counter(Sidecar::Client, "streams_opened").unwrap();
-        (opened >= opened_before + 2 * mesh::CAPTURE_STREAMS).then_some(())
+        (opened >= opened_before + 2 * mesh.capture_streams()).then_some(())
     })
     .unwrap();
     assert_eq!(
@@ -332,7 +355,7 @@ fn aggregator_outage_costs_captures_never_requests() {
     mesh.start_aggregator().unwrap();
     for (sidecar, before) in sidecars.into_iter().zip(ready_before) {
         wait_for(&format!("{sidecar:?} sidecar's capture streams to come back"), Duration::from_secs(30), || {
-            (mesh.counter(sidecar, "streams_ready").unwrap() >= before + mesh::CAPTURE_STREAMS).then_some(())
+            (mesh.counter(sidecar, "streams_ready").unwrap() >= before + mesh.capture_streams()).then_some(())
         })
         .unwrap();
     }
@@ -363,4 +386,32 @@ fn bad_plugin_configuration_is_refused_with_a_clear_log_line() {
         ),
         "the sidecar's log must name the key and the reason:\n{error}"
     );
+}
+
+/// The native capture refuses what it cannot act on, and Envoy says why.
+#[test]
+fn bad_native_capture_configuration_is_refused_with_a_clear_log_line() {
+    let cases = [
+        (
+            r#"{"maxBodyBytes":99999999999}"#,
+            "packet-inspector: invalid native capture configuration: `maxBodyBytes` is 99999999999; at most 16777216",
+        ),
+        (
+            r#"{"aggregator":{"caFile":"/nonexistent/root-cert.pem"}}"#,
+            "cannot read certificates from /nonexistent/root-cert.pem",
+        ),
+        (r#"{"cluster":"packet_inspector_aggregator"}"#, "`cluster` is the Wasm filter's key"),
+    ];
+    for (overrides, expected) in cases {
+        let options = MeshOptions {
+            capture: SidecarCapture::Native,
+            filter_config: Some(overrides.to_owned()),
+            ..Default::default()
+        };
+        let error = match Mesh::start(options) {
+            Ok(_) => panic!("Envoy accepted the native capture with {overrides}"),
+            Err(error) => format!("{error:#}"),
+        };
+        assert!(error.contains(expected), "{overrides}: the sidecar's log must say {expected:?}:\n{error}");
+    }
 }

@@ -7,7 +7,7 @@ use bson::Bson;
 use packet_inspector_sample_grpc::pb::{echo_client::EchoClient, CountRequest, EchoReply, EchoRequest, FailRequest};
 use packet_inspector_tests::{
     clients,
-    mesh::{CaptureFiles, Mesh, MeshOptions},
+    mesh::{CaptureFiles, Mesh, MeshOptions, SidecarCapture},
     tshark,
 };
 use prost::Message;
@@ -65,7 +65,16 @@ fn protocol_of(files: &CaptureFiles) -> String {
 
 #[test]
 fn http2_exchanges_decode_standalone() {
-    let mesh = Mesh::start(MeshOptions::default()).unwrap();
+    http2_exchanges_decode_standalone_with(SidecarCapture::Sample);
+}
+
+#[test]
+fn http2_exchanges_decode_standalone_with_the_native_capture() {
+    http2_exchanges_decode_standalone_with(SidecarCapture::Native);
+}
+
+fn http2_exchanges_decode_standalone_with(capture: SidecarCapture) {
+    let mesh = Mesh::start(MeshOptions { capture, ..Default::default() }).unwrap();
     let big_header = "v".repeat(20_000);
     let upload: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
     let request = http::Request::get("http://reviews:9080/h2/hello")
@@ -173,7 +182,16 @@ fn with_id<T>(message: T, request_id: &str) -> tonic::Request<T> {
 
 #[test]
 fn grpc_calls_of_every_kind_are_captured() {
-    let mesh = Mesh::start(MeshOptions { segment_interval_ms: Some(1000), ..Default::default() }).unwrap();
+    grpc_calls_of_every_kind_are_captured_with(SidecarCapture::Sample);
+}
+
+#[test]
+fn grpc_calls_of_every_kind_are_captured_with_the_native_capture() {
+    grpc_calls_of_every_kind_are_captured_with(SidecarCapture::Native);
+}
+
+fn grpc_calls_of_every_kind_are_captured_with(capture: SidecarCapture) {
+    let mesh = Mesh::start(MeshOptions { segment_interval_ms: Some(1000), capture, ..Default::default() }).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let address = format!("http://{}", mesh.client_listener);
     let count = CountRequest { count: 25, interval_ms: 100, text: "tick".into() };

@@ -120,10 +120,17 @@ fn build() -> Result<()> {
         "--bins",
     ]);
     run(daemons)?;
-    // The bench's native read floor, which an end-to-end test loads into Envoy.
-    let mut native_floor = cargo();
-    native_floor.args(["build", "--package", "packet-inspector-native-floor"]);
-    run(native_floor)
+    // The native capture and the bench's native read floor, which end-to-end tests load into
+    // Envoy.
+    let mut native = cargo();
+    native.args([
+        "build",
+        "--package",
+        "packet-inspector-native-capture",
+        "--package",
+        "packet-inspector-native-floor",
+    ]);
+    run(native)
 }
 
 /// Formatting, and clippy with warnings as errors on the workspace and on the wasm build

@@ -1,0 +1,213 @@
+//! The transport thread: the native capture's own gRPC streams to the aggregator, over mTLS.
+//!
+//! The Wasm filter's streams are Envoy's (`proxy_grpc_*` on a cluster that carries the mTLS).
+//! A dynamic module has no per-worker gRPC streams, so this thread runs a small Tokio runtime
+//! with one `CaptureService/StreamFrames` stream per Envoy worker, on one TLS connection
+//! (`proto::tls`, the same client the aggregator uses upstream, with the certificate files
+//! reloaded when they change). It carries out the workers' [`Command`]s in order, delivers each
+//! stream's readiness, acks and close to its worker's pipeline, and runs the pipelines' flush
+//! tick, so batches go out every `flushIntervalMs` even when traffic stops.
+//!
+//! Batches arrive encoded (the pipeline encodes each frame once, into its batch); the stream's
+//! codec writes them as they are. On shutdown every pipeline is flushed, the streams are ended
+//! and given [`DRAIN_TIMEOUT`] for their acks.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use bytes::{Buf, BufMut, Bytes};
+use packet_inspector_filter::pipeline::{METHOD, SERVICE};
+use packet_inspector_proto::tls;
+use tokio::{
+    sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender},
+    task::{AbortHandle, JoinSet},
+    time::MissedTickBehavior,
+};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    transport::Channel,
+    Status,
+};
+
+use crate::{
+    core::{Command, Core},
+    settings::Aggregator,
+};
+
+/// How long a clean shutdown waits for the aggregator to acknowledge the last batches.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the certificate files are checked for rotation.
+const RELOAD_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The aggregator's channel: connects on first use, reconnects after failures.
+///
+/// # Errors
+/// When the certificate files cannot be loaded or the server name is not a DNS name, with the
+/// file or name at fault.
+pub fn channel(aggregator: &Aggregator, shutdown: &CancellationToken) -> Result<Channel, tls::TlsError> {
+    let identity = tls::Identity { cert_chain: aggregator.cert_file.clone(), private_key: aggregator.key_file.clone() };
+    let config = tls::reloading_client_config(aggregator.ca_file.clone(), Some(identity))?;
+    config.watch("the aggregator client certificate", RELOAD_INTERVAL, shutdown.clone());
+    tls::connect_lazy_as(&aggregator.host, aggregator.port, &aggregator.server_name, config, CONNECT_TIMEOUT)
+}
+
+/// Runs until [`Command::Shutdown`] (or every sender is gone), then drains.
+pub async fn run(core: Arc<Core>, mut commands: UnboundedReceiver<Command>, channel: Channel) {
+    let mut streams: HashMap<u32, (UnboundedSender<Bytes>, AbortHandle)> = HashMap::new();
+    let mut tasks = JoinSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(u64::from(core.config.flush_interval_ms.max(1))));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                for worker in 0..core.worker_count() {
+                    core.with_pipeline(worker, |pipeline, host| pipeline.on_tick(host));
+                    core.publish(worker);
+                }
+            }
+            Some(finished) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                if let Ok((_, token)) = finished {
+                    streams.remove(&token);
+                }
+            }
+            command = commands.recv() => match command {
+                Some(Command::Shutdown) | None => break,
+                Some(command) => carry_out(command, &core, &channel, &mut streams, &mut tasks),
+            },
+        }
+    }
+    // A last flush of every worker's buffered frames (its sends are queued behind us).
+    for worker in 0..core.worker_count() {
+        core.with_pipeline(worker, |pipeline, host| pipeline.flush(host));
+    }
+    while let Ok(command) = commands.try_recv() {
+        if !matches!(command, Command::Shutdown) {
+            carry_out(command, &core, &channel, &mut streams, &mut tasks);
+        }
+    }
+    // Ending the request streams lets the aggregator acknowledge what it has and close.
+    streams.clear();
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        core.warn("packet-inspector: the aggregator did not acknowledge the last batches in time; they may be lost");
+    }
+    for worker in 0..core.worker_count() {
+        core.publish(worker);
+    }
+}
+
+fn carry_out(
+    command: Command,
+    core: &Arc<Core>,
+    channel: &Channel,
+    streams: &mut HashMap<u32, (UnboundedSender<Bytes>, AbortHandle)>,
+    tasks: &mut JoinSet<u32>,
+) {
+    match command {
+        Command::Open { token, worker } => {
+            let (batches, queued) = unbounded_channel();
+            let task = tasks.spawn(stream(core.clone(), channel.clone(), token, worker, queued));
+            streams.insert(token, (batches, task));
+        }
+        // A batch for a stream that is gone is lost with it; the pipeline counts it when it
+        // hears of the close.
+        Command::Send { token, batch } => {
+            if let Some((batches, _)) = streams.get(&token) {
+                let _ = batches.send(batch);
+            }
+        }
+        Command::Cancel { token } => {
+            if let Some((_, task)) = streams.remove(&token) {
+                task.abort();
+            }
+        }
+        Command::Shutdown => {}
+    }
+}
+
+/// One worker's capture stream, from open to close; returns its token.
+async fn stream(
+    core: Arc<Core>,
+    channel: Channel,
+    token: u32,
+    worker: usize,
+    batches: UnboundedReceiver<Bytes>,
+) -> u32 {
+    let status = match exchange(&core, channel, token, worker, batches).await {
+        Ok(()) => 0,
+        Err(status) => status.code() as u32,
+    };
+    core.with_pipeline(worker, |pipeline, host| pipeline.on_stream_closed(host, token, status));
+    token
+}
+
+async fn exchange(
+    core: &Core,
+    channel: Channel,
+    token: u32,
+    worker: usize,
+    batches: UnboundedReceiver<Bytes>,
+) -> Result<(), Status> {
+    let mut client = tonic::client::Grpc::new(channel);
+    client.ready().await.map_err(|err| Status::unavailable(format!("the aggregator's channel: {err}")))?;
+    let path = http::uri::PathAndQuery::try_from(format!("/{SERVICE}/{METHOD}"))
+        .map_err(|err| Status::internal(err.to_string()))?;
+    let request = tonic::Request::new(UnboundedReceiverStream::new(batches));
+    let mut acks = client.streaming(request, path, Encoded).await?.into_inner();
+    // The aggregator answered with headers and gRPC's content type: the stream is accepted.
+    let accepted: [(&[u8], &[u8]); 1] = [(b":status", b"200")];
+    core.with_pipeline(worker, |pipeline, host| pipeline.on_stream_headers(host, token, &accepted));
+    while let Some(ack) = acks.message().await? {
+        core.with_pipeline(worker, |pipeline, host| pipeline.on_stream_message(host, token, &ack));
+    }
+    Ok(())
+}
+
+/// The capture stream's codec: batches go out as the pipeline encoded them, acks come in as
+/// bytes for the pipeline to decode (as the Wasm filter hands them over).
+#[derive(Debug, Clone, Copy, Default)]
+struct Encoded;
+
+#[derive(Debug)]
+struct EncodedEncoder;
+
+#[derive(Debug)]
+struct BytesDecoder;
+
+impl Encoder for EncodedEncoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, batch: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(batch);
+        Ok(())
+    }
+}
+
+impl Decoder for BytesDecoder {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        let mut ack = vec![0; src.remaining()];
+        src.copy_to_slice(&mut ack);
+        Ok(Some(ack))
+    }
+}
+
+impl Codec for Encoded {
+    type Encode = Bytes;
+    type Decode = Vec<u8>;
+    type Encoder = EncodedEncoder;
+    type Decoder = BytesDecoder;
+
+    fn encoder(&mut self) -> EncodedEncoder {
+        EncodedEncoder
+    }
+
+    fn decoder(&mut self) -> BytesDecoder {
+        BytesDecoder
+    }
+}
