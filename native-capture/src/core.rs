@@ -64,8 +64,9 @@ pub struct Core {
     commands: UnboundedSender<Command>,
     next_token: AtomicU32,
     warn: Logger,
-    /// `None` once Envoy destroyed the configuration the counters belong to.
-    counters: Mutex<Option<CounterSink>>,
+    /// One sink per Envoy filter configuration using this core, by the configuration's key;
+    /// the first takes the increments (they name the same counters: Envoy's stats are by name).
+    counters: Mutex<Vec<(usize, CounterSink)>>,
 }
 
 impl Core {
@@ -76,7 +77,6 @@ impl Core {
         workers: usize,
         commands: UnboundedSender<Command>,
         warn: Logger,
-        counters: CounterSink,
     ) -> Self {
         let workers = (0..workers.max(1))
             .map(|_| {
@@ -87,15 +87,7 @@ impl Core {
                 })
             })
             .collect();
-        Self {
-            config,
-            node,
-            workers,
-            commands,
-            next_token: AtomicU32::new(1),
-            warn,
-            counters: Mutex::new(Some(counters)),
-        }
+        Self { config, node, workers, commands, next_token: AtomicU32::new(1), warn, counters: Mutex::new(Vec::new()) }
     }
 
     pub fn worker_count(&self) -> usize {
@@ -137,20 +129,25 @@ impl Core {
     /// Wasm filter publishes its own: the stats lag by at most one flush interval, and no hook
     /// pays a stats call).
     pub fn publish(&self, index: usize) {
+        let sinks = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        // Without a sink (the configuration is still being set up) the increments wait.
+        let Some((_, sink)) = sinks.first() else { return };
         let pending: Vec<(Counter, u64)> =
             self.lock(index).map(|mut state| state.pending.take().collect()).unwrap_or_default();
-        let sink = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(sink) = sink.as_ref() {
-            for (counter, delta) in pending {
-                sink(counter, delta);
-            }
+        for (counter, delta) in pending {
+            sink(counter, delta);
         }
     }
 
-    /// Stops publishing: the counters' owner is going away. Returns once no publication is in
-    /// progress.
-    pub fn detach_counters(&self) {
-        *self.counters.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    /// Publishes through `sink` too (a filter configuration starts using this core).
+    pub fn attach_counters(&self, key: usize, sink: CounterSink) {
+        self.counters.lock().unwrap_or_else(PoisonError::into_inner).push((key, sink));
+    }
+
+    /// Stops publishing through the sink of `key` (its configuration is going away). Returns
+    /// once no publication through it is in progress.
+    pub fn detach_counters(&self, key: usize) {
+        self.counters.lock().unwrap_or_else(PoisonError::into_inner).retain(|(k, _)| *k != key);
     }
 
     pub fn warn(&self, message: &str) {
@@ -206,4 +203,69 @@ pub fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use packet_inspector_filter::config::Config;
+
+    use super::*;
+
+    fn core(workers: usize) -> (Core, tokio::sync::mpsc::UnboundedReceiver<Command>) {
+        let config = Config::from_json(br#"{"cluster":"127.0.0.1:1"}"#).unwrap();
+        let (commands, received) = tokio::sync::mpsc::unbounded_channel();
+        (Core::new(config, NodeIdentity::default(), workers, commands, |_| {}), received)
+    }
+
+    fn recording_sink(into: &Arc<Mutex<Vec<(Counter, u64)>>>) -> CounterSink {
+        let into = into.clone();
+        Box::new(move |counter, delta| into.lock().unwrap().push((counter, delta)))
+    }
+
+    #[test]
+    fn increments_wait_for_a_sink_and_go_to_the_first() {
+        let (core, _commands) = core(1);
+        core.with_pipeline(0, |_, host| host.count(Counter::StreamsOpened, 1));
+        core.publish(0);
+        let (first, second) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+        core.attach_counters(1, recording_sink(&first));
+        core.attach_counters(2, recording_sink(&second));
+        core.with_pipeline(0, |_, host| host.count(Counter::StreamsOpened, 2));
+        core.publish(0);
+        assert_eq!(*first.lock().unwrap(), [(Counter::StreamsOpened, 3)], "nothing lost before the sink came");
+        core.detach_counters(1);
+        core.with_pipeline(0, |_, host| host.count(Counter::CapturesStarted, 1));
+        core.publish(0);
+        assert_eq!(*second.lock().unwrap(), [(Counter::CapturesStarted, 1)]);
+        assert_eq!(first.lock().unwrap().len(), 1, "a detached sink hears nothing more");
+    }
+
+    #[test]
+    fn streams_and_batches_become_commands_in_order() {
+        let (core, mut commands) = core(2);
+        let token = core.with_pipeline(1, |_, host| host.open_stream("ignored").unwrap()).unwrap();
+        core.with_pipeline(1, |_, host| host.send(token, b"batch").unwrap());
+        core.with_pipeline(1, |_, host| host.cancel(token));
+        assert!(matches!(commands.try_recv(), Ok(Command::Open { token: t, worker: 1 }) if t == token));
+        assert!(
+            matches!(commands.try_recv(), Ok(Command::Send { token: t, batch }) if t == token && &batch[..] == b"batch")
+        );
+        assert!(matches!(commands.try_recv(), Ok(Command::Cancel { token: t }) if t == token));
+        // Another open gets another token; with the transport gone, sending is an error.
+        let next = core.with_pipeline(0, |_, host| host.open_stream("ignored").unwrap()).unwrap();
+        assert_ne!(next, token);
+        drop(commands);
+        assert!(core.with_pipeline(0, |_, host| host.send(next, b"x")).unwrap().is_err());
+    }
+
+    #[test]
+    fn a_worker_index_past_the_last_shares_the_last_worker() {
+        let (core, _commands) = core(2);
+        core.with_pipeline(7, |_, host| host.count(Counter::CapturesStarted, 1));
+        let taken: Vec<_> = core.lock(1).unwrap().pending.take().collect();
+        assert_eq!(taken, [(Counter::CapturesStarted, 1)]);
+        assert_eq!(core.worker_count(), 2);
+    }
 }

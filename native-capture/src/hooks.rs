@@ -8,7 +8,7 @@ use std::{
     cell::RefCell,
     ffi::{c_char, c_void},
     ptr::null,
-    sync::{mpsc, Arc},
+    sync::{mpsc, Arc, Mutex, PoisonError, Weak},
     thread::JoinHandle,
     time::Duration,
 };
@@ -47,11 +47,67 @@ fn error(message: &str) {
     abi::log(LogLevel::Error, &format!("packet-inspector: {message}"));
 }
 
-/// One filter configuration: the shared core and the transport thread.
-struct Capture {
+/// The pipelines and the transport thread that every filter configuration with the same
+/// settings shares. A sidecar has many HTTP connection managers (Istio makes one per outbound
+/// port), each with its own copy of the filter's configuration; sharing keeps one stream per
+/// Envoy worker to the aggregator, as the Wasm filter's shared VM does.
+struct Shared {
+    /// The configuration, as Envoy passed it.
+    settings: Vec<u8>,
     core: Arc<Core>,
     shutdown: CancellationToken,
-    transport: Option<(JoinHandle<()>, mpsc::Receiver<()>)>,
+    /// The thread, and what tells it finished (in a lock only to make `Shared` shareable).
+    transport: Mutex<Option<(JoinHandle<()>, mpsc::Receiver<()>)>>,
+}
+
+impl Drop for Shared {
+    /// The last configuration is gone: flush, end the streams, stop the thread.
+    fn drop(&mut self) {
+        self.core.stop();
+        let transport = self.transport.get_mut().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some((thread, done)) = transport {
+            // Bounded: a transport that cannot finish is left behind rather than hang Envoy.
+            if done.recv_timeout(DRAIN_TIMEOUT + Duration::from_secs(1)).is_ok() {
+                let _ = thread.join();
+            }
+        }
+        self.shutdown.cancel();
+    }
+}
+
+/// The live [`Shared`]s (configurations are created and destroyed on Envoy's main thread).
+static SHARED: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
+
+/// One Envoy filter configuration.
+struct Capture {
+    shared: Arc<Shared>,
+}
+
+impl Capture {
+    /// The key its counter sink is attached under.
+    fn key(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+}
+
+/// The [`Shared`] for `settings`: the live one with the same configuration, or a new one with
+/// its transport started.
+fn shared(bytes: &[u8], settings: Settings) -> Result<Arc<Shared>, String> {
+    let mut live = SHARED.lock().unwrap_or_else(PoisonError::into_inner);
+    live.retain(|shared| shared.strong_count() > 0);
+    if let Some(shared) = live.iter().filter_map(Weak::upgrade).find(|shared| shared.settings == bytes) {
+        return Ok(shared);
+    }
+    // SAFETY: on the main thread (configurations are created there).
+    let workers = unsafe { abi::concurrency() } as usize;
+    let (commands_tx, commands_rx) = unbounded_channel();
+    let core = Arc::new(Core::new(settings.capture.clone(), node_identity(), workers, commands_tx, warn));
+    let shutdown = CancellationToken::new();
+    let transport = start(&settings, &core, commands_rx, &shutdown)
+        .map_err(|reason| format!("cannot reach the aggregator at {}: {reason}", settings.capture.cluster))?;
+    let shared = Arc::new(Shared { settings: bytes.to_vec(), core, shutdown, transport: Mutex::new(Some(transport)) });
+    live.push(Arc::downgrade(&shared));
+    Ok(shared)
 }
 
 /// The pod's identity, from the environment Istio gives the sidecar.
@@ -121,37 +177,35 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     config: EnvoyBuffer,
 ) -> *const c_void {
     // SAFETY: Envoy's buffer, valid for this call.
-    let settings = match Settings::from_json(unsafe { config.bytes() }) {
+    let bytes = unsafe { config.bytes() };
+    let settings = match Settings::from_json(bytes) {
         Ok(settings) => settings,
         Err(err) => {
             error(&err.to_string());
             return null();
         }
     };
+    let shared = match shared(bytes, settings) {
+        Ok(shared) => shared,
+        Err(reason) => {
+            error(&reason);
+            return null();
+        }
+    };
+    let capture = Box::new(Capture { shared });
     // SAFETY: the configuration being created, on the main thread.
     let ids = Counter::ALL.map(|counter| unsafe { abi::define_counter(config_envoy, counter.name()) });
     let config_envoy = EnvoyConfig(config_envoy);
-    let counters = Box::new(move |counter: Counter, delta: u64| {
-        if let Some(Some(id)) = ids.get(counter as usize) {
-            // SAFETY: the core detaches this sink before Envoy destroys the configuration.
-            unsafe { abi::config_increment_counter(config_envoy.pointer(), *id, delta) };
-        }
-    });
-    // SAFETY: on the main thread.
-    let workers = unsafe { abi::concurrency() } as usize;
-    let (commands_tx, commands_rx) = unbounded_channel();
-    let core = Arc::new(Core::new(settings.capture.clone(), node_identity(), workers, commands_tx, warn, counters));
-    let shutdown = CancellationToken::new();
-    match start(&settings, &core, commands_rx, &shutdown) {
-        Ok(transport) => {
-            let capture = Capture { core, shutdown, transport: Some(transport) };
-            Box::into_raw(Box::new(capture)).cast_const().cast()
-        }
-        Err(reason) => {
-            error(&format!("cannot reach the aggregator at {}: {reason}", settings.capture.cluster));
-            null()
-        }
-    }
+    capture.shared.core.attach_counters(
+        capture.key(),
+        Box::new(move |counter: Counter, delta: u64| {
+            if let Some(Some(id)) = ids.get(counter as usize) {
+                // SAFETY: the sink is detached before Envoy destroys the configuration.
+                unsafe { abi::config_increment_counter(config_envoy.pointer(), *id, delta) };
+            }
+        }),
+    );
+    Box::into_raw(capture).cast_const().cast()
 }
 
 /// # Safety
@@ -163,17 +217,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(conf
     }
     // SAFETY: allocated by `on_http_filter_config_new`; Envoy destroys each configuration once,
     // after every filter created from it.
-    let mut capture = unsafe { Box::from_raw(config.cast_mut().cast::<Capture>()) };
-    capture.core.stop();
-    if let Some((thread, done)) = capture.transport.take() {
-        // Bounded: a transport that cannot finish is left behind rather than hang Envoy's exit.
-        if done.recv_timeout(DRAIN_TIMEOUT + Duration::from_secs(1)).is_ok() {
-            let _ = thread.join();
-        }
-    }
-    // Whatever the transport thread still does, it no longer touches Envoy's configuration.
-    capture.core.detach_counters();
-    capture.shutdown.cancel();
+    let capture = unsafe { Box::from_raw(config.cast_mut().cast::<Capture>()) };
+    // Whatever the transport thread still does, it no longer touches this configuration.
+    capture.shared.core.detach_counters(capture.key());
+    // The last configuration of its settings stops the transport (`Shared::drop`).
+    drop(capture);
 }
 
 /// Envoy's configuration pointer, handed to the transport thread for counter increments only.
@@ -307,7 +355,7 @@ impl Exchange {
     }
 
     fn core<'a>(&self) -> &'a Core {
-        &self.capture().core
+        &self.capture().shared.core
     }
 
     /// Starts the capture with the request headers.

@@ -384,6 +384,20 @@ impl Mesh {
                 }
             }
         }
+        // Istio gives a sidecar an HTTP connection manager per port, each with its own copy of
+        // the filter configuration: a second one (a copy of the first HTTP listener, on a port
+        // nothing uses) shows whether the copies share the capture streams.
+        let listeners = config.pointer_mut("/static_resources/listeners").and_then(|v| v.as_array_mut());
+        let copy = listeners.as_ref().and_then(|listeners| {
+            listeners.iter().find(|l| l.to_string().contains("packet_inspector_native")).cloned()
+        });
+        if let (Some(listeners), Some(mut copy)) = (listeners, copy) {
+            copy["name"] = serde_json::json!("packet_inspector_native_second_port");
+            copy["address"] =
+                serde_json::json!({"socket_address": {"address": "127.0.0.1", "port_value": free_port()?}});
+            listeners.push(copy);
+            inserted += 1;
+        }
         Ok(inserted)
     }
 

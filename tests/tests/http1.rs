@@ -293,6 +293,14 @@ fn exchanges_are_captured_on_both_sides(capture: SidecarCapture) {
     assert!(!distinct.contains(&0), "every capture names its connection: {consumer_connections:?}");
     assert_eq!(distinct.len(), cases.len(), "one connection per request: {consumer_connections:?}");
     assert_eq!(mesh.counter(Sidecar::Client, "captures_dropped").unwrap(), 0);
+    if mesh.is_native() {
+        // Every HTTP connection manager of a sidecar has its own copy of the configuration; the
+        // copies share one stream per worker.
+        assert!(mesh.patches_applied.iter().any(|(_, n)| *n >= 2), "{:?}", mesh.patches_applied);
+        for sidecar in [Sidecar::Client, Sidecar::Server] {
+            assert_eq!(mesh.counter(sidecar, "streams_opened").unwrap(), 1, "{sidecar:?}");
+        }
+    }
     mesh.shutdown().unwrap();
 }
 

@@ -34,7 +34,8 @@ use anyhow::{bail, Context, Result};
 use packet_inspector_tests::{certs::Ca, free_port, mesh::admin_get, process::Process, target_dir, tools, wait_for};
 use serde_json::json;
 
-pub const VARIANTS: [&str; 7] = ["none", "noop", "floor", "native-floor", "capture", "candidate", "tap"];
+pub const VARIANTS: [&str; 8] =
+    ["none", "noop", "floor", "native-floor", "native-capture", "capture", "candidate", "tap"];
 pub const SIZES: [(&str, usize); 2] = [("1KiB", 1024), ("64KiB", 65536)];
 pub const PARTS: [&str; 5] = ["filter", "proxy", "overload", "latency", "ingest"];
 
@@ -301,6 +302,11 @@ impl Bench {
         std::fs::write(&path, config)?;
         let mut command = pinned(core, &tools::envoy()?);
         command.arg("-c").arg(&path).args(["--concurrency", "1", "--disable-hot-restart", "--log-level", "warn"]);
+        // The pod's identity where the native capture reads it (the node metadata has it too).
+        command
+            .env("POD_NAME", "bench-client-0")
+            .env("POD_NAMESPACE", "bench")
+            .env("ISTIO_META_WORKLOAD_NAME", "bench-client");
         let pid = self.spawn(name, command)?;
         let ready = wait_for(&format!("{name} to be ready"), Duration::from_secs(60), || {
             let process = self.processes.last_mut()?;
@@ -576,6 +582,13 @@ pub fn run(options: &Options) -> Result<()> {
         json!({"target": "P2", "what": "p99 latency, capture / no-op Wasm (HTTP/1.1, 1 KiB, same offered load)",
             "value": ratio(fixed("capture"), fixed("noop"), |m| m.p99_us), "limit": 1.10,
             "all_rounds_together": ratio(fixed("capture"), fixed("noop"), |m| m.pooled_p99_us.unwrap_or(m.p99_us))}),
+        json!({"target": "P1", "what": "Envoy CPU/request, native capture / no-op Wasm (HTTP/1.1, 1 KiB, same offered load)",
+            "value": ratio(fixed("native-capture"), fixed("noop"), |m| m.cpu_us), "limit": 1.15}),
+        json!({"target": "P1", "what": "Envoy CPU/request, native capture / native tap (HTTP/1.1, 1 KiB, same offered load)",
+            "value": ratio(fixed("native-capture"), fixed("tap"), |m| m.cpu_us), "limit": 0.5}),
+        json!({"target": "P2", "what": "p99 latency, native capture / no-op Wasm (HTTP/1.1, 1 KiB, same offered load)",
+            "value": ratio(fixed("native-capture"), fixed("noop"), |m| m.p99_us), "limit": 1.10,
+            "all_rounds_together": ratio(fixed("native-capture"), fixed("noop"), |m| m.pooled_p99_us.unwrap_or(m.p99_us))}),
         json!({"target": "P3", "what": "aggregator frames/s per core (thousands)",
             "value": ingest.as_ref().map(|i| i.frames_per_core_second / 1000.0), "limit": 200.0, "at_least": true}),
         json!({"target": "P3", "what": "aggregator captured MB/s per core",
@@ -715,6 +728,17 @@ pub fn run(options: &Options) -> Result<()> {
                     native - none,
                     noop - none,
                     capture.cpu_us - none
+                );
+            }
+            // The native capture: the same capture without the VM.
+            if let (Some(none), Some(noop), Some(native)) = (of("none"), of("noop"), of("native-capture")) {
+                println!(
+                    "{size} {}: CPU µs/request above no filter: native capture {:+.1} ({:.3}x the Wasm no-op, \
+                     {:.3}x capture)",
+                    load.name(),
+                    native - none,
+                    native / noop,
+                    native / capture.cpu_us
                 );
             }
             // Context, not a target: what each adds to a proxy that runs no filter at all.
@@ -889,6 +913,32 @@ pub fn pipeline_state(setup: &Setup) -> String {
 const CAPTURE_CONFIGURATION: &str =
     r#"{"cluster":"packet_inspector_aggregator","role":"consumer","flushIntervalMs":100}"#;
 
+/// The native capture's filter, configured as [`CAPTURE_CONFIGURATION`] configures the Wasm one.
+fn native_capture_filter(release: &Path, certs: &Path, aggregator_port: u16) -> String {
+    let settings = json!({
+        "aggregator": {
+            "address": format!("127.0.0.1:{aggregator_port}"),
+            "serverName": "localhost",
+            "caFile": certs.join("root-cert.pem"),
+            "certFile": certs.join("cert-chain.pem"),
+            "keyFile": certs.join("key.pem"),
+        },
+        "role": "consumer",
+        "flushIntervalMs": 100,
+    });
+    format!(
+        r#"
+          - name: packet_inspector_native
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+              dynamic_module_config: {{ module: {{ local: {{ filename: {} }} }} }}
+              filter_name: packet_inspector
+              filter_config: {{ "@type": type.googleapis.com/google.protobuf.StringValue, value: {} }}"#,
+        release.join("libpacket_inspector_native_capture.so").display(),
+        serde_json::Value::String(settings.to_string())
+    )
+}
+
 /// Starts the emulator (discarding), the aggregator, the upstream and the Envoys under test.
 fn start(dir: &Path, options: &Options) -> Result<Setup> {
     let mut bench = Bench { dir: dir.to_owned(), processes: Vec::new() };
@@ -975,6 +1025,7 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
                 release.join("libpacket_inspector_native_floor.so").display()
             ),
             "capture" => wasm_filter(&capture_module, CAPTURE_CONFIGURATION),
+            "native-capture" => native_capture_filter(&release, &certs, aggregator_port),
             "candidate" => wasm_filter(
                 options.candidate.as_deref().unwrap_or(&capture_module),
                 options.candidate_configuration.as_deref().unwrap_or(CAPTURE_CONFIGURATION),
@@ -1031,9 +1082,16 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
             certs.display()
         ));
         let pid = bench.envoy(&format!("envoy-{variant}"), &config, 0, admin)?;
-        if variant == "capture" || variant == "candidate" {
+        // The Wasm filter has a stream per root context (the worker's and the main thread's),
+        // the native capture one per worker, whatever the number of listeners (they share it).
+        let streams = match variant {
+            "capture" | "candidate" => Some("streams_ready: 2"),
+            "native-capture" => Some("streams_ready: 1\n"),
+            _ => None,
+        };
+        if let Some(streams) = streams {
             wait_for("the capture filter's streams", Duration::from_secs(30), || {
-                admin_get(admin, "/stats?filter=streams_ready").ok().filter(|s| s.contains("streams_ready: 2"))
+                admin_get(admin, "/stats?filter=streams_ready").ok().filter(|s| s.contains(streams))
             })?;
         }
         under_test.insert(variant.to_owned(), (pid, admin, ports));

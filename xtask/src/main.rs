@@ -56,9 +56,9 @@ enum Task {
         /// Parts to run: filter, proxy, overload, latency, ingest.
         #[arg(long, value_delimiter = ',', default_value = "filter,proxy,overload,latency,ingest")]
         parts: Vec<String>,
-        /// Proxy variants to load: none, noop, floor, native-floor, capture, tap (and candidate, with
-        /// `--candidate`).
-        #[arg(long, value_delimiter = ',', default_value = "none,noop,floor,native-floor,capture,tap")]
+        /// Proxy variants to load: none, noop, floor, native-floor, native-capture, capture, tap (and
+        /// candidate, with `--candidate`).
+        #[arg(long, value_delimiter = ',', default_value = "none,noop,floor,native-floor,native-capture,capture,tap")]
         variants: Vec<String>,
         /// Response body sizes: 1KiB, 64KiB.
         #[arg(long, value_delimiter = ',', default_value = "1KiB,64KiB")]
@@ -208,9 +208,16 @@ fn main() -> Result<()> {
                 "--bins",
             ]);
             run(release)?;
-            // The native read floor (a shared library Envoy loads).
+            // The native capture and its read floor (shared libraries Envoy loads).
             let mut native = cargo();
-            native.args(["build", "--release", "--package", "packet-inspector-native-floor"]);
+            native.args([
+                "build",
+                "--release",
+                "--package",
+                "packet-inspector-native-capture",
+                "--package",
+                "packet-inspector-native-floor",
+            ]);
             run(native)?;
             // The filter's logic without host calls (the `filter` part), natively and for V8.
             install::debian_package("node", "nodejs")?;
