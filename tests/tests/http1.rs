@@ -300,6 +300,10 @@ fn exchanges_are_captured_on_both_sides(capture: SidecarCapture) {
         for sidecar in [Sidecar::Client, Sidecar::Server] {
             assert_eq!(mesh.counter(sidecar, "streams_opened").unwrap(), 1, "{sidecar:?}");
         }
+        // The library was written against this Envoy's ABI.
+        for name in ["client-sidecar", "server-sidecar"] {
+            assert!(mesh.log_of(name).contains("Dynamic module ABI version v0.2.0 matched"), "{name}");
+        }
     }
     mesh.shutdown().unwrap();
 }

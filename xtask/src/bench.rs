@@ -628,7 +628,7 @@ pub fn run(options: &Options) -> Result<()> {
 
     if !table.is_empty() {
         println!(
-            "\n{:<7} {:<11} {:<12} {:>7} {:>7} {:>21} {:>7} {:>19} {:>10} {:>6}",
+            "\n{:<7} {:<11} {:<14} {:>7} {:>7} {:>21} {:>7} {:>19} {:>10} {:>6}",
             "SIZE",
             "LOAD",
             "VARIANT",
@@ -643,7 +643,7 @@ pub fn run(options: &Options) -> Result<()> {
         for row in &table {
             let stat = |key: &str, at: usize| row[key][at].as_f64().unwrap_or(0.0);
             println!(
-                "{:<7} {:<11} {:<12} {:>7} {:>7.0} {:>21} {:>7.0} {:>19} {:>10} {:>6}",
+                "{:<7} {:<11} {:<14} {:>7} {:>7.0} {:>21} {:>7.0} {:>19} {:>10} {:>6}",
                 row["size"].as_str().unwrap_or(""),
                 row["load"].as_str().unwrap_or(""),
                 row["variant"].as_str().unwrap_or(""),
@@ -667,11 +667,11 @@ pub fn run(options: &Options) -> Result<()> {
             options.rounds, options.seconds
         );
         println!(
-            "\n{:<7} {:<11} {:<12}   {:>27}   {:>27}",
+            "\n{:<7} {:<11} {:<14}   {:>27}   {:>27}",
             "RATIOS", "", "", "TO THE NO-OP WASM FILTER", "TO ENVOY'S NATIVE TAP"
         );
         println!(
-            "{:<7} {:<11} {:<12}   {:>6} {:>6} {:>6} {:>6}   {:>6} {:>6} {:>6} {:>6}",
+            "{:<7} {:<11} {:<14}   {:>6} {:>6} {:>6} {:>6}   {:>6} {:>6} {:>6} {:>6}",
             "SIZE", "LOAD", "VARIANT", "REQ/S", "P50", "P99", "CPU", "REQ/S", "P50", "P99", "CPU"
         );
         let ratio = |row: &serde_json::Value, to: &str, key: &str| {
@@ -679,7 +679,7 @@ pub fn run(options: &Options) -> Result<()> {
         };
         for row in &table {
             println!(
-                "{:<7} {:<11} {:<12}   {:>6} {:>6} {:>6} {:>6}   {:>6} {:>6} {:>6} {:>6}",
+                "{:<7} {:<11} {:<14}   {:>6} {:>6} {:>6} {:>6}   {:>6} {:>6} {:>6} {:>6}",
                 row["size"].as_str().unwrap_or(""),
                 row["load"].as_str().unwrap_or(""),
                 row["variant"].as_str().unwrap_or(""),
@@ -806,7 +806,7 @@ pub fn run(options: &Options) -> Result<()> {
             None => "----",
         };
         println!(
-            "{verdict} {:<4} {:<80} {:>10} {:>10}",
+            "{verdict} {:<4} {:<88} {:>10} {:>10}",
             t["target"].as_str().unwrap_or(""),
             t["what"].as_str().unwrap_or(""),
             value,
