@@ -96,6 +96,8 @@ pub enum Attribute {
     ConnectionId = 28,
     /// `upstream.address`: the upstream host, `ip:port`, once one was picked.
     UpstreamAddress = 41,
+    /// `xds.listener_direction`: the listener's `traffic_direction` (1 inbound, 2 outbound).
+    XdsListenerDirection = 59,
 }
 
 /// The `Continue` of every `on_http_filter_*` status enum.

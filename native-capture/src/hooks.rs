@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     core::{now_ns, Core},
+    identity,
     settings::Settings,
     transport::{self, DRAIN_TIMEOUT},
 };
@@ -101,24 +102,19 @@ fn shared(bytes: &[u8], settings: Settings) -> Result<Arc<Shared>, String> {
     // SAFETY: on the main thread (configurations are created there).
     let workers = unsafe { abi::concurrency() } as usize;
     let (commands_tx, commands_rx) = unbounded_channel();
-    let core = Arc::new(Core::new(settings.capture.clone(), node_identity(), workers, commands_tx, warn));
+    let core = Arc::new(Core::new(
+        settings.capture.clone(),
+        identity::read(|name| std::env::var(name).ok(), &settings.pod_labels_file, &settings.capture.labels),
+        workers,
+        commands_tx,
+        warn,
+    ));
     let shutdown = CancellationToken::new();
     let transport = start(&settings, &core, commands_rx, &shutdown)
         .map_err(|reason| format!("cannot reach the aggregator at {}: {reason}", settings.capture.cluster))?;
     let shared = Arc::new(Shared { settings: bytes.to_vec(), core, shutdown, transport: Mutex::new(Some(transport)) });
     live.push(Arc::downgrade(&shared));
     Ok(shared)
-}
-
-/// The pod's identity, from the environment Istio gives the sidecar.
-fn node_identity() -> NodeIdentity {
-    let var = |name| std::env::var(name).unwrap_or_default();
-    NodeIdentity {
-        pod_name: var("POD_NAME"),
-        namespace: var("POD_NAMESPACE"),
-        workload: var("ISTIO_META_WORKLOAD_NAME"),
-        labels: Default::default(),
-    }
 }
 
 /// Starts the transport thread; returns once its TLS is set up (or why it could not be).
@@ -337,7 +333,11 @@ unsafe fn shared_metadata(filter: FilterEnvoyPtr, node: &NodeIdentity, config: &
         namespace: node.namespace.clone(),
         workload: node.workload.clone(),
         labels: node.labels.clone(),
-        role: metadata::role(config.role, None) as i32,
+        // SAFETY: the caller's contract.
+        role: metadata::role(
+            config.role,
+            unsafe { abi::attribute_int(filter, Attribute::XdsListenerDirection) }.and_then(|d| i64::try_from(d).ok()),
+        ) as i32,
         gateway: config.gateway,
         downstream_remote: address(Attribute::SourceAddress),
         downstream_local: address(Attribute::DestinationAddress),

@@ -15,11 +15,11 @@
 //! It captures HTTP (HTTP/1.1, HTTP/2, gRPC); Diameter stays with the Wasm network filter. Its
 //! configuration is the Wasm filter's plus the aggregator's address and mTLS files
 //! ([`settings`]), and its counters are the Wasm filter's, under Envoy's dynamic-module stats
-//! namespace. The pod's identity comes from the environment Istio gives the sidecar
-//! (`POD_NAME`, `POD_NAMESPACE`, `ISTIO_META_WORKLOAD_NAME`), since the node metadata is not
-//! an attribute of this ABI.
+//! namespace. The pod's identity comes from where Istio puts it in the sidecar's pod
+//! ([`identity`]), since the node metadata is not an attribute of this ABI.
 
 pub mod core;
+pub mod identity;
 pub mod settings;
 pub mod transport;
 

@@ -11,6 +11,7 @@
 //!     "certFile": "/etc/packet-inspector/cert-chain.pem",
 //!     "keyFile": "/etc/packet-inspector/key.pem"
 //!   },
+//!   "podLabelsFile": "/etc/istio/pod/labels",
 //!   "maxBodyBytes": 65536
 //! }
 //! ```
@@ -73,6 +74,8 @@ pub struct Settings {
     /// address, which is what the pipeline's messages name).
     pub capture: Config,
     pub aggregator: Aggregator,
+    /// The pod's labels as Istio mounts them (`podLabelsFile`; see [`crate::identity`]).
+    pub pod_labels_file: PathBuf,
 }
 
 impl Settings {
@@ -88,6 +91,13 @@ impl Settings {
             return Err(SettingsError::Cluster);
         }
         let raw = object.remove("aggregator").ok_or(SettingsError::NoAggregator)?;
+        let pod_labels_file = match object.remove("podLabelsFile") {
+            None => PathBuf::from(crate::identity::ISTIO_POD_LABELS),
+            Some(serde_json::Value::String(path)) if !path.is_empty() => PathBuf::from(path),
+            Some(other) => {
+                return Err(SettingsError::Syntax(format!("`podLabelsFile`: expected a path, found {other}")))
+            }
+        };
         let raw: RawAggregator =
             serde_json::from_value(raw).map_err(|err| SettingsError::Syntax(format!("`aggregator`: {err}")))?;
         let (host, port) = raw
@@ -111,6 +121,7 @@ impl Settings {
                 cert_file: raw.cert_file,
                 key_file: raw.key_file,
             },
+            pod_labels_file,
         })
     }
 }
@@ -145,6 +156,7 @@ mod tests {
         let settings = parse(&format!(r#"{{"aggregator": {{"address": "aggregator.local:9", {FILES}}}}}"#)).unwrap();
         assert_eq!(settings.aggregator.server_name, "aggregator.local");
         assert_eq!(settings.capture.max_body_bytes, 64 * 1024, "the Wasm filter's defaults apply");
+        assert_eq!(settings.pod_labels_file, PathBuf::from("/etc/istio/pod/labels"));
     }
 
     #[test]
@@ -165,6 +177,8 @@ mod tests {
             parse(&format!(r#"{{"protocol": "diameter", "aggregator": {{"address": "a:1", {FILES}}}}}"#)),
             Err(SettingsError::Protocol)
         );
+        let labels = parse(&format!(r#"{{"podLabelsFile": 3, "aggregator": {{"address": "a:1", {FILES}}}}}"#));
+        assert!(labels.unwrap_err().to_string().contains("podLabelsFile"));
         let missing = parse(r#"{"aggregator": {"address": "a:1"}}"#).unwrap_err().to_string();
         assert!(missing.contains("caFile"), "{missing}");
         let typo = parse(&format!(r#"{{"maxBodyByte": 1, "aggregator": {{"address": "a:1", {FILES}}}}}"#))

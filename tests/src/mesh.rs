@@ -62,9 +62,9 @@ pub enum SidecarCapture {
     /// sidecars the way istiod applies them (see [`crate::envoyfilter`]).
     Chart { values: serde_json::Value },
     /// By the native capture (`native-capture/`) instead of the Wasm filters: the bare sidecars
-    /// with the dynamic module before the router of every HTTP connection manager, its role
-    /// from the listener's direction, connecting to the aggregator with the sidecar's
-    /// certificates. It captures HTTP only (Diameter stays uncaptured).
+    /// with the dynamic module before the router of every HTTP connection manager (`role:
+    /// auto`), connecting to the aggregator with the sidecar's certificates, the pod's labels in
+    /// a downward-API file. It captures HTTP only (Diameter stays uncaptured).
     Native,
 }
 
@@ -334,39 +334,51 @@ impl Mesh {
     /// how many.
     fn insert_native_capture(&self, config: &mut serde_json::Value, certs: &Path) -> Result<usize> {
         let library = tools::native_capture()?;
+        // The pod's labels where Istio's injection mounts them (downward API, Go-quoted values):
+        // the same labels as the node metadata the Wasm filter reads.
+        let labels: String = config
+            .pointer("/node/metadata/LABELS")
+            .and_then(|v| v.as_object())
+            .into_iter()
+            .flatten()
+            .map(|(key, value)| {
+                format!("{key}={}\n", serde_json::Value::String(value.as_str().unwrap_or_default().to_owned()))
+            })
+            .collect();
+        let pod_name = config.pointer("/node/metadata/NAME").and_then(|v| v.as_str()).unwrap_or("pod");
+        let labels_file = self.dir.join(format!("{pod_name}-labels"));
+        std::fs::write(&labels_file, labels)?;
+        // Every connection manager gets the same configuration (`role: auto` tells inbound
+        // from outbound).
+        let mut settings = serde_json::json!({
+            "aggregator": {
+                "address": format!("127.0.0.1:{}", self.aggregator_port),
+                "serverName": AGGREGATOR_SAN,
+                "caFile": certs.join("root-cert.pem"),
+                "certFile": certs.join("cert-chain.pem"),
+                "keyFile": certs.join("key.pem"),
+            },
+            "podLabelsFile": labels_file,
+            "maxBodyBytes": self.max_body_bytes,
+            "flushIntervalMs": 50,
+            "role": "auto",
+        });
+        if let Some(overrides) = &self.native_overrides {
+            merge(&mut settings, serde_json::from_str(overrides).context("native capture overrides")?);
+        }
+        let filter = serde_json::json!({
+            "name": "packet_inspector_native",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+                "dynamic_module_config": {"module": {"local": {"filename": library}}},
+                "filter_name": "packet_inspector",
+                "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": settings.to_string()},
+            },
+        });
         let mut inserted = 0;
         for listener in
             config.pointer_mut("/static_resources/listeners").and_then(|v| v.as_array_mut()).into_iter().flatten()
         {
-            let role = match listener.get("traffic_direction").and_then(|v| v.as_str()) {
-                Some("INBOUND") => "producer",
-                Some("OUTBOUND") => "consumer",
-                _ => "auto",
-            };
-            let mut settings = serde_json::json!({
-                "aggregator": {
-                    "address": format!("127.0.0.1:{}", self.aggregator_port),
-                    "serverName": AGGREGATOR_SAN,
-                    "caFile": certs.join("root-cert.pem"),
-                    "certFile": certs.join("cert-chain.pem"),
-                    "keyFile": certs.join("key.pem"),
-                },
-                "maxBodyBytes": self.max_body_bytes,
-                "flushIntervalMs": 50,
-                "role": role,
-            });
-            if let Some(overrides) = &self.native_overrides {
-                merge(&mut settings, serde_json::from_str(overrides).context("native capture overrides")?);
-            }
-            let filter = serde_json::json!({
-                "name": "packet_inspector_native",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
-                    "dynamic_module_config": {"module": {"local": {"filename": library}}},
-                    "filter_name": "packet_inspector",
-                    "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": settings.to_string()},
-                },
-            });
             for chain in listener.get_mut("filter_chains").and_then(|v| v.as_array_mut()).into_iter().flatten() {
                 for network_filter in chain.get_mut("filters").and_then(|v| v.as_array_mut()).into_iter().flatten() {
                     let Some(http_filters) =

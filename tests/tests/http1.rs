@@ -164,10 +164,8 @@ fn check_capture(
     assert_eq!(metadata.get_str("requestId").unwrap(), request_id, "{context}");
     assert_eq!(metadata.get_str("protocol").unwrap(), "http1", "{context}");
     assert_eq!(metadata.get_str("node").unwrap(), "demo-node-1", "{context}");
-    if !mesh.is_native() {
-        // The node metadata's pod labels; the native capture has no node metadata to read.
-        assert_eq!(metadata.get_document("labels").unwrap().get_str("app").unwrap(), workload, "{context}");
-    }
+    // The pod's labels: from the node metadata (Wasm) or the downward-API file (native).
+    assert_eq!(metadata.get_document("labels").unwrap().get_str("app").unwrap(), workload, "{context}");
     let remote_port = metadata.get_document("downstreamRemote").unwrap().get_i32("port").unwrap();
     assert_eq!(remote_port.to_string(), client.1, "{context}: BSON and pcap agree on the client port");
     let stored_request = document.get_document("request").unwrap();
