@@ -425,3 +425,34 @@ fn bad_native_capture_configuration_is_refused_with_a_clear_log_line() {
         assert!(error.contains(expected), "{overrides}: the sidecar's log must say {expected:?}:\n{error}");
     }
 }
+
+/// What the native capture holds when Envoy stops cleanly still reaches the analysis service:
+/// with a flush tick far away, the exchange's frames are only in the worker's buffer when the
+/// sidecars get SIGTERM, and the last configuration's teardown sends them.
+#[test]
+fn the_native_capture_delivers_what_it_holds_when_envoy_stops() {
+    // The mesh removes its own directory when it stops; the captures must outlive it.
+    let output_dir = std::env::temp_dir().join(format!("packet-inspector-last-{}", std::process::id()));
+    std::fs::create_dir_all(&output_dir).unwrap();
+    let options = MeshOptions {
+        capture: SidecarCapture::Native,
+        filter_config: Some(r#"{"flushIntervalMs": 5000}"#.to_owned()),
+        output_dir: Some(output_dir.clone()),
+        ..Default::default()
+    };
+    let mesh = Mesh::start(options).unwrap();
+    let response = mesh.request("GET /last HTTP/1.1\r\nhost: reviews:9080\r\nx-request-id: native-last", b"").unwrap();
+    assert_eq!(response.status, 200);
+    let logs = mesh.log_tails(30);
+    mesh.shutdown().unwrap();
+    for role in ["consumer", "producer"] {
+        let marker = format!("-{role}-native-last-");
+        let stored = std::fs::read_dir(&output_dir)
+            .unwrap()
+            .flatten()
+            .filter(|entry| entry.file_name().to_string_lossy().contains(&marker))
+            .count();
+        assert_eq!(stored, 2, "the {role} capture's .pcap and .bson after a clean stop\n{logs}");
+    }
+    std::fs::remove_dir_all(output_dir).unwrap();
+}
