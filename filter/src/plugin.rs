@@ -24,8 +24,8 @@ use crate::{
     metadata::{self, NodeIdentity},
     pairs::{self, Pair},
     pipeline::{Counter, Fate, Host, PendingCounts, Pipeline, METHOD, SERVICE},
-    transaction::HttpTransaction,
-    wire::{FrameRef, SharedMetadata, StartRef},
+    transaction::{ExchangeStart, HttpTransaction},
+    wire::{FrameRef, SharedMetadata},
 };
 
 /// Downstream connections whose facts are kept (see [`ConnectionCache`]).
@@ -331,22 +331,12 @@ impl CaptureHttp {
     fn begin(&mut self, request_headers: &[Pair<'_>], end_of_stream: bool) {
         let mut shared = self.shared.borrow_mut();
         let Some(id) = shared.with_pipeline(|p, h| p.begin(h)) else { return };
-        let now = now_ns();
+        let now_ns = now_ns();
         let (connection_id, connection) = shared.connection();
-        let start = StartRef {
-            shared: &connection.metadata,
-            protocol: metadata::protocol(connection.request_protocol.as_deref(), request_headers),
-            request_id: metadata::header_value(request_headers, b"x-request-id")
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .unwrap_or_default(),
-            connection_id,
-            start_time_ns: now,
-        };
-        let mut transaction = HttpTransaction::new(id, shared.config.max_body_bytes);
-        let fate = shared.record(Fate::Recording, &transaction.start(now, start));
-        let headers = transaction.headers(now, Direction::Request, request_headers, end_of_stream);
-        transaction.fate = if fate == Fate::Abandoned { fate } else { shared.record(fate, &headers) };
-        self.transaction = Some(transaction);
+        let max_body_bytes = shared.config.max_body_bytes;
+        let start =
+            ExchangeStart { id, now_ns, connection_id, connection: &connection, request_headers, end_of_stream };
+        self.transaction = Some(shared.with_pipeline(|p, h| HttpTransaction::open(p, h, max_body_bytes, start)));
     }
 
     fn body(&mut self, direction: Direction, buffer: BufferType, size: usize, end_of_stream: bool) {

@@ -5,10 +5,24 @@
 use packet_inspector_proto::capture::{frame::Kind, Direction, EndReason, Frame, SocketAddress, TransactionEnd};
 
 use crate::{
+    connections::ConnectionFacts,
+    metadata,
     pairs::Pair,
-    pipeline::Fate,
+    pipeline::{Fate, Host, Pipeline},
     wire::{FrameRef, StartRef},
 };
+
+/// What starting an exchange takes, from the edge that saw its request headers.
+#[derive(Debug, Clone, Copy)]
+pub struct ExchangeStart<'a> {
+    /// The id [`Pipeline::begin`] gave it.
+    pub id: u64,
+    pub now_ns: u64,
+    pub connection_id: u64,
+    pub connection: &'a ConnectionFacts,
+    pub request_headers: &'a [Pair<'a>],
+    pub end_of_stream: bool,
+}
 
 #[derive(Debug, Default, Clone, Copy)]
 struct DirectionState {
@@ -28,6 +42,27 @@ pub struct HttpTransaction {
 }
 
 impl HttpTransaction {
+    /// A new exchange's transaction with its first two frames recorded: the start (with what its
+    /// connection shares) and the request headers. Its fate says what became of them. The Wasm
+    /// and the native edges both start every exchange here.
+    pub fn open<H: Host>(pipeline: &mut Pipeline, host: &mut H, max_body_bytes: u64, start: ExchangeStart<'_>) -> Self {
+        let ExchangeStart { id, now_ns, connection_id, connection, request_headers, end_of_stream } = start;
+        let start = StartRef {
+            shared: &connection.metadata,
+            protocol: metadata::protocol(connection.request_protocol.as_deref(), request_headers),
+            request_id: metadata::header_value(request_headers, b"x-request-id")
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .unwrap_or_default(),
+            connection_id,
+            start_time_ns: now_ns,
+        };
+        let mut transaction = Self::new(id, max_body_bytes);
+        let fate = pipeline.record(host, Fate::Recording, &transaction.start(now_ns, start));
+        let headers = transaction.headers(now_ns, Direction::Request, request_headers, end_of_stream);
+        transaction.fate = if fate == Fate::Abandoned { fate } else { pipeline.record(host, fate, &headers) };
+        transaction
+    }
+
     pub fn new(id: u64, max_body_bytes: u64) -> Self {
         Self {
             id,

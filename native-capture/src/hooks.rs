@@ -23,8 +23,8 @@ use packet_inspector_filter::{
     metadata::{self, NodeIdentity},
     pairs::Pair,
     pipeline::{Counter, Fate},
-    transaction::HttpTransaction,
-    wire::{SharedMetadata, StartRef},
+    transaction::{ExchangeStart, HttpTransaction},
+    wire::SharedMetadata,
 };
 use packet_inspector_proto::capture::{Direction, TransactionMetadata};
 use tokio::sync::mpsc::unbounded_channel;
@@ -375,20 +375,15 @@ impl Exchange {
                         request_protocol: abi::attribute_string(filter, Attribute::RequestProtocol).map(<[u8]>::to_vec),
                         metadata: SharedMetadata::encode(shared_metadata(filter, &core.node, &core.config)),
                     });
-                    let start = StartRef {
-                        shared: &facts.metadata,
-                        protocol: metadata::protocol(facts.request_protocol.as_deref(), headers),
-                        request_id: metadata::header_value(headers, b"x-request-id")
-                            .and_then(|v| std::str::from_utf8(v).ok())
-                            .unwrap_or_default(),
+                    let start = ExchangeStart {
+                        id,
+                        now_ns: now,
                         connection_id,
-                        start_time_ns: now,
+                        connection: &facts,
+                        request_headers: headers,
+                        end_of_stream,
                     };
-                    let mut transaction = HttpTransaction::new(id, core.config.max_body_bytes);
-                    let fate = pipeline.record(host, Fate::Recording, &transaction.start(now, start));
-                    let frame = transaction.headers(now, Direction::Request, headers, end_of_stream);
-                    transaction.fate = if fate == Fate::Abandoned { fate } else { pipeline.record(host, fate, &frame) };
-                    Some(transaction)
+                    Some(HttpTransaction::open(pipeline, host, core.config.max_body_bytes, start))
                 })
             })
         };
