@@ -138,7 +138,7 @@ fn start(
                 }
             };
             runtime.block_on(async move {
-                let channel = match transport::channel(&aggregator, &shutdown) {
+                let channel = match transport::channel(&aggregator, &core, &shutdown) {
                     Ok(channel) => channel,
                     Err(err) => {
                         let _ = ready_tx.send(Err(err.to_string()));

@@ -26,6 +26,15 @@ pub fn read(variable: impl Fn(&str) -> Option<String>, labels_file: &Path, selec
     }
 }
 
+/// The node id the sidecar's Envoy presents to Istio's agent (`sidecar~IP~POD.NAMESPACE~NAMESPACE.svc.cluster.local`),
+/// which the native capture presents too when it asks the agent's secret service for the
+/// workload certificate. `instance_ip` is `INSTANCE_IP` from the sidecar's environment.
+pub fn sds_node_id(node: &NodeIdentity, instance_ip: Option<&str>) -> String {
+    let ip = instance_ip.filter(|ip| !ip.is_empty()).unwrap_or("0.0.0.0");
+    let (pod, namespace) = (&node.pod_name, &node.namespace);
+    format!("sidecar~{ip}~{pod}.{namespace}~{namespace}.svc.cluster.local")
+}
+
 /// The `selected` labels of a downward-API labels file; malformed lines are skipped.
 pub fn labels(text: &str, selected: &[String]) -> HashMap<String, String> {
     let parsed: Vec<(String, String)> = text
@@ -90,6 +99,11 @@ mod tests {
             ("reviews-v1-7d9f-x2x", "bookinfo", "reviews-v1")
         );
         assert!(node.labels.is_empty());
+        assert_eq!(
+            sds_node_id(&node, Some("10.1.2.3")),
+            "sidecar~10.1.2.3~reviews-v1-7d9f-x2x.bookinfo~bookinfo.svc.cluster.local"
+        );
+        assert!(sds_node_id(&node, None).starts_with("sidecar~0.0.0.0~"));
         let dir = std::env::temp_dir().join(format!("pi-identity-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("labels"), "app=\"reviews\"\n").unwrap();

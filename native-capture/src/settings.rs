@@ -2,14 +2,18 @@
 //! validation, see `filter::config`) plus where and how to reach the aggregator, which the
 //! library connects to itself rather than through an Envoy cluster.
 //!
+//! Its mTLS identity comes from one of two places:
+//!
+//! - the sidecar's secret service, as Envoy's own does (`sdsSocket`; Istio's node agent serves
+//!   the workload certificate there, see [`packet_inspector_proto::sds`]): nothing to mount;
+//! - files (`caFile`, `certFile`, `keyFile`), reloaded when they change.
+//!
 //! ```json
 //! {
 //!   "aggregator": {
-//!     "address": "10.96.0.12:15010",
-//!     "serverName": "packet-inspector-aggregator.istio-system.svc",
-//!     "caFile": "/etc/packet-inspector/root-cert.pem",
-//!     "certFile": "/etc/packet-inspector/cert-chain.pem",
-//!     "keyFile": "/etc/packet-inspector/key.pem"
+//!     "address": "packet-inspector-1-aggregator.istio-system.svc.cluster.local:15500",
+//!     "serverName": "packet-inspector-1-aggregator.istio-system.svc",
+//!     "sdsSocket": "/var/run/secrets/workload-spiffe-uds/socket"
 //!   },
 //!   "podLabelsFile": "/etc/istio/pod/labels",
 //!   "maxBodyBytes": 65536
@@ -27,9 +31,11 @@ pub enum SettingsError {
     #[error("invalid native capture configuration: {0}")]
     Syntax(String),
     #[error(
-        "invalid native capture configuration: `aggregator` is required (the aggregator's address and the mTLS files)"
+        "invalid native capture configuration: `aggregator` is required (the aggregator's address, and `sdsSocket` or the mTLS files)"
     )]
     NoAggregator,
+    #[error("invalid native capture configuration: `aggregator` needs either `sdsSocket` or all of `caFile`, `certFile` and `keyFile`{0}")]
+    Credentials(&'static str),
     #[error("invalid native capture configuration: `cluster` is the Wasm filter's key; the native capture connects by itself (set `aggregator`)")]
     Cluster,
     #[error("invalid native capture configuration: `aggregator.address` {0:?} is not host:port")]
@@ -46,16 +52,24 @@ impl From<ConfigError> for SettingsError {
     }
 }
 
-/// Where the aggregator is and the files of the mTLS identity presented to it.
+/// Where the mTLS identity presented to the aggregator, and the roots it is checked against,
+/// come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// The secret service on this Unix socket (Istio's `default` and `ROOTCA` secrets).
+    Sds { socket: PathBuf },
+    /// PEM files.
+    Files { ca_file: PathBuf, cert_file: PathBuf, key_file: PathBuf },
+}
+
+/// Where the aggregator is and how to prove who we are to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Aggregator {
     pub host: String,
     pub port: u16,
     /// The DNS name the aggregator's certificate must carry.
     pub server_name: String,
-    pub ca_file: PathBuf,
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
+    pub credentials: Credentials,
 }
 
 #[derive(Deserialize)]
@@ -63,9 +77,24 @@ pub struct Aggregator {
 struct RawAggregator {
     address: String,
     server_name: Option<String>,
-    ca_file: PathBuf,
-    cert_file: PathBuf,
-    key_file: PathBuf,
+    sds_socket: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+impl RawAggregator {
+    fn credentials(self) -> Result<Credentials, SettingsError> {
+        match (self.sds_socket, self.ca_file, self.cert_file, self.key_file) {
+            (Some(socket), None, None, None) => Ok(Credentials::Sds { socket }),
+            (None, Some(ca_file), Some(cert_file), Some(key_file)) => {
+                Ok(Credentials::Files { ca_file, cert_file, key_file })
+            }
+            (Some(_), ..) => Err(SettingsError::Credentials(", not both")),
+            (None, None, None, None) => Err(SettingsError::Credentials("")),
+            (None, ..) => Err(SettingsError::Credentials(" (some of the files are missing)")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,18 +140,9 @@ impl Settings {
         if capture.protocol != CaptureProtocol::Http {
             return Err(SettingsError::Protocol);
         }
-        Ok(Self {
-            capture,
-            aggregator: Aggregator {
-                host: host.to_owned(),
-                port,
-                server_name: raw.server_name.unwrap_or_else(|| host.to_owned()),
-                ca_file: raw.ca_file,
-                cert_file: raw.cert_file,
-                key_file: raw.key_file,
-            },
-            pod_labels_file,
-        })
+        let server_name = raw.server_name.clone().unwrap_or_else(|| host.to_owned());
+        let aggregator = Aggregator { host: host.to_owned(), port, server_name, credentials: raw.credentials()? };
+        Ok(Self { capture, aggregator, pod_labels_file })
     }
 }
 
@@ -145,10 +165,17 @@ mod tests {
         assert_eq!(settings.aggregator.host, "10.0.0.7");
         assert_eq!(settings.aggregator.port, 15010);
         assert_eq!(settings.aggregator.server_name, "agg.svc");
-        assert_eq!(settings.aggregator.key_file, PathBuf::from("/certs/key.pem"));
+        let Credentials::Files { key_file, .. } = &settings.aggregator.credentials else { panic!("files") };
+        assert_eq!(key_file, &PathBuf::from("/certs/key.pem"));
         assert_eq!(settings.capture.max_body_bytes, 10);
         assert_eq!(settings.capture.flush_interval_ms, 20);
         assert_eq!(settings.capture.cluster, "10.0.0.7:15010");
+    }
+
+    #[test]
+    fn the_identity_can_come_from_the_secret_service() {
+        let settings = parse(r#"{"aggregator": {"address": "a:1", "sdsSocket": "/run/sds.sock"}}"#).unwrap();
+        assert_eq!(settings.aggregator.credentials, Credentials::Sds { socket: PathBuf::from("/run/sds.sock") });
     }
 
     #[test]
@@ -180,7 +207,11 @@ mod tests {
         let labels = parse(&format!(r#"{{"podLabelsFile": 3, "aggregator": {{"address": "a:1", {FILES}}}}}"#));
         assert!(labels.unwrap_err().to_string().contains("podLabelsFile"));
         let missing = parse(r#"{"aggregator": {"address": "a:1"}}"#).unwrap_err().to_string();
-        assert!(missing.contains("caFile"), "{missing}");
+        assert!(missing.contains("`sdsSocket` or all of `caFile`"), "{missing}");
+        let partial = parse(r#"{"aggregator": {"address": "a:1", "caFile": "/ca.pem"}}"#);
+        assert_eq!(partial, Err(SettingsError::Credentials(" (some of the files are missing)")));
+        let both = parse(&format!(r#"{{"aggregator": {{"address": "a:1", "sdsSocket": "/s", {FILES}}}}}"#));
+        assert_eq!(both, Err(SettingsError::Credentials(", not both")));
         let typo = parse(&format!(r#"{{"maxBodyByte": 1, "aggregator": {{"address": "a:1", {FILES}}}}}"#))
             .unwrap_err()
             .to_string();

@@ -3,8 +3,8 @@
 //! The Wasm filter's streams are Envoy's (`proxy_grpc_*` on a cluster that carries the mTLS).
 //! A dynamic module has no per-worker gRPC streams, so this thread runs a small Tokio runtime
 //! with one `CaptureService/StreamFrames` stream per Envoy worker, on one TLS connection
-//! (`proto::tls`, the same client the aggregator uses upstream, with the certificate files
-//! reloaded when they change). It carries out the workers' [`Command`]s in order, delivers each
+//! (`proto::tls`, the same client the aggregator uses upstream, with the certificate the
+//! sidecar's secret service pushes, or files reloaded when they change). It carries out the workers' [`Command`]s in order, delivers each
 //! stream's readiness, acks and close to its worker's pipeline, and runs the pipelines' flush
 //! tick, so batches go out every `flushIntervalMs` even when traffic stops.
 //!
@@ -16,7 +16,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use bytes::{Buf, BufMut, Bytes};
 use packet_inspector_filter::pipeline::{METHOD, SERVICE};
-use packet_inspector_proto::tls;
+use packet_inspector_proto::{sds, tls};
 use tokio::{
     sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender},
     task::{AbortHandle, JoinSet},
@@ -32,7 +32,8 @@ use tonic::{
 
 use crate::{
     core::{Command, Core},
-    settings::Aggregator,
+    identity,
+    settings::{Aggregator, Credentials},
 };
 
 /// How long a clean shutdown waits for the aggregator to acknowledge the last batches.
@@ -41,15 +42,33 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the certificate files are checked for rotation.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(30);
 
-/// The aggregator's channel: connects on first use, reconnects after failures.
+/// The aggregator's channel: connects on first use, reconnects after failures. With the secret
+/// service, its follower starts here (so it must run in the transport's runtime) and a
+/// connection waits up to [`CONNECT_TIMEOUT`] for the first certificate.
 ///
 /// # Errors
 /// When the certificate files cannot be loaded or the server name is not a DNS name, with the
 /// file or name at fault.
-pub fn channel(aggregator: &Aggregator, shutdown: &CancellationToken) -> Result<Channel, tls::TlsError> {
-    let identity = tls::Identity { cert_chain: aggregator.cert_file.clone(), private_key: aggregator.key_file.clone() };
-    let config = tls::reloading_client_config(aggregator.ca_file.clone(), Some(identity))?;
-    config.watch("the aggregator client certificate", RELOAD_INTERVAL, shutdown.clone());
+pub fn channel(
+    aggregator: &Aggregator,
+    core: &Arc<Core>,
+    shutdown: &CancellationToken,
+) -> Result<Channel, tls::TlsError> {
+    let config: tls::ClientTls = match &aggregator.credentials {
+        Credentials::Files { ca_file, cert_file, key_file } => {
+            let identity = tls::Identity { cert_chain: cert_file.clone(), private_key: key_file.clone() };
+            let config = tls::reloading_client_config(ca_file.clone(), Some(identity))?;
+            config.watch("the aggregator client certificate", RELOAD_INTERVAL, shutdown.clone());
+            config.into()
+        }
+        Credentials::Sds { socket } => {
+            let node_id = identity::sds_node_id(&core.node, std::env::var("INSTANCE_IP").ok().as_deref());
+            let source = sds::Source { socket: socket.clone(), node_id };
+            let core = core.clone();
+            let warn = Arc::new(move |message: String| core.warn(&format!("packet-inspector: {message}")));
+            tls::ClientTls::Pushed(sds::follow(source, warn, shutdown.clone()))
+        }
+    };
     tls::connect_lazy_as(&aggregator.host, aggregator.port, &aggregator.server_name, config, CONNECT_TIMEOUT)
 }
 

@@ -2,8 +2,9 @@
 //! (the single source of truth; read them for the semantics of every field), plus what both
 //! ends of a contract need alike: the libpcap file layout of [`analysis::Capture`] records
 //! ([`pcap`]), an HTTP message's body sent inline or as slices of those records ([`body`]),
-//! and, with the `grpc` feature, TLS for the gRPC servers and clients ([`tls`]) and
-//! the daemons' shared start-up ([`daemon`]).
+//! and, with the `grpc` feature, TLS for the gRPC servers and clients ([`tls`]), a
+//! workload certificate from Envoy's Secret Discovery Service ([`sds`]) and the daemons' shared
+//! start-up ([`daemon`]).
 //!
 //! - [`capture`]: filter → aggregator, a bidirectional stream of frame batches and acks.
 //! - [`analysis`]: aggregator → analysis service, one call per finished capture.
@@ -36,5 +37,7 @@ pub mod pcap;
 pub mod daemon;
 #[cfg(feature = "grpc")]
 pub mod gather;
+#[cfg(feature = "grpc")]
+pub mod sds;
 #[cfg(feature = "grpc")]
 pub mod tls;

@@ -10,6 +10,8 @@
 //! - [`Reloading`]: a config rebuilt from its files when they change (Istio rotates workload
 //!   certificates daily and Kubernetes swaps secret files in place); new connections use the new
 //!   config, a broken update is logged and the last good config kept.
+//! - [`ClientTls`]: where a client takes its config from for each new connection: files
+//!   ([`Reloading`]) or a secret service pushing certificates ([`crate::sds`]).
 //!
 //! PEM is parsed with `rustls-pki-types` (`rustls-pemfile` is unmaintained). Everything is done
 //! here rather than through tonic's TLS feature so errors name the file and the reason, and so
@@ -30,7 +32,7 @@ use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 use tokio_rustls::{server::TlsStream, TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
@@ -57,6 +59,8 @@ pub enum TlsError {
     NotADnsName { host: String },
     #[error("invalid endpoint {uri}: {source}")]
     Endpoint { uri: String, source: tonic::transport::Error },
+    #[error("{what}: {reason}")]
+    Pushed { what: String, reason: String },
 }
 
 /// The files of one TLS identity: a PEM certificate chain (leaf first) and its PEM private key.
@@ -349,22 +353,95 @@ pub fn serve_incoming(
 /// # Errors
 /// As [`load_roots`], or when the identity's files are unusable.
 pub fn client_config(ca: &Path, identity: Option<&Identity>) -> Result<ClientConfig, TlsError> {
+    let roots = load_roots(ca)?;
+    let Some(identity) = identity else {
+        return build_client_config(roots, None).map_err(|source| TlsError::BadCa { path: ca.to_owned(), source });
+    };
+    let material = (load_certificates(&identity.cert_chain)?, load_key(&identity.private_key)?);
+    build_client_config(roots, Some(material)).map_err(|source| TlsError::KeyMismatch {
+        cert: identity.cert_chain.clone(),
+        key: identity.private_key.clone(),
+        source,
+    })
+}
+
+/// [`client_config`] from PEM held in memory (certificates a secret service pushed): `roots`
+/// to trust, and the identity's certificate chain and private key. `what` names the source in
+/// errors.
+///
+/// # Errors
+/// [`TlsError::Pushed`] for malformed or empty PEM, an unusable CA, or a key that does not fit
+/// the chain.
+pub fn client_config_from_pem(what: &str, roots: &[u8], chain: &[u8], key: &[u8]) -> Result<ClientConfig, TlsError> {
+    let fail = |reason: String| TlsError::Pushed { what: what.to_owned(), reason };
+    let certificates = |pem: &[u8], which: &str| {
+        let certs = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| fail(format!("its {which}: {err}")))?;
+        if certs.is_empty() {
+            return Err(fail(format!("its {which} holds no PEM certificate")));
+        }
+        Ok(certs)
+    };
+    let mut store = RootCertStore::empty();
+    for cert in certificates(roots, "root certificates")? {
+        store.add(cert).map_err(|err| fail(format!("a root certificate is not usable: {err}")))?;
+    }
+    let chain = certificates(chain, "certificate chain")?;
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|err| fail(format!("its private key: {err}")))?;
+    build_client_config(store, Some((chain, key)))
+        .map_err(|err| fail(format!("the certificate chain does not fit the private key: {err}")))
+}
+
+fn build_client_config(
+    roots: RootCertStore,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<ClientConfig, rustls::Error> {
     let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|source| TlsError::BadCa { path: ca.to_owned(), source })?
-        .with_root_certificates(load_roots(ca)?);
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
     let mut config = match identity {
-        Some(identity) => builder
-            .with_client_auth_cert(load_certificates(&identity.cert_chain)?, load_key(&identity.private_key)?)
-            .map_err(|source| TlsError::KeyMismatch {
-                cert: identity.cert_chain.clone(),
-                key: identity.private_key.clone(),
-                source,
-            })?,
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
+}
+
+/// Where a client connection takes its TLS config from, anew for each connection.
+#[derive(Clone)]
+pub enum ClientTls {
+    /// Files, reloaded when they change.
+    Files(Arc<Reloading<ClientConfig>>),
+    /// Configs a secret service pushes ([`crate::sds::follow`]); none until its first push.
+    Pushed(watch::Receiver<Option<Arc<ClientConfig>>>),
+}
+
+impl From<Arc<Reloading<ClientConfig>>> for ClientTls {
+    fn from(files: Arc<Reloading<ClientConfig>>) -> Self {
+        Self::Files(files)
+    }
+}
+
+impl ClientTls {
+    /// The config for a connection made now; a pushed one is awaited for at most `wait`.
+    async fn current(&self, wait: Duration) -> io::Result<Arc<ClientConfig>> {
+        match self {
+            Self::Files(files) => Ok(files.current()),
+            Self::Pushed(pushed) => {
+                let mut pushed = pushed.clone();
+                let first = tokio::time::timeout(wait, pushed.wait_for(Option::is_some)).await;
+                match first {
+                    Ok(Ok(config)) => config.clone().ok_or_else(|| io::Error::other("no certificate")),
+                    Ok(Err(_)) => Err(io::Error::other("the secret service's follower has stopped")),
+                    Err(_) => Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no workload certificate from the secret service yet",
+                    )),
+                }
+            }
+        }
+    }
 }
 
 /// A gRPC channel to `host:port` over TLS that connects on first use and reconnects after
@@ -377,7 +454,7 @@ pub fn client_config(ca: &Path, identity: Option<&Identity>) -> Result<ClientCon
 pub fn connect_lazy(
     host: &str,
     port: u16,
-    config: Arc<Reloading<ClientConfig>>,
+    config: impl Into<ClientTls>,
     connect_timeout: Duration,
 ) -> Result<Channel, TlsError> {
     connect_lazy_as(host, port, host, config, connect_timeout)
@@ -393,9 +470,10 @@ pub fn connect_lazy_as(
     host: &str,
     port: u16,
     server_name: &str,
-    config: Arc<Reloading<ClientConfig>>,
+    config: impl Into<ClientTls>,
     connect_timeout: Duration,
 ) -> Result<Channel, TlsError> {
+    let config = config.into();
     let server_name = match ServerName::try_from(server_name.to_owned()) {
         Ok(name @ ServerName::DnsName(_)) => name,
         _ => return Err(TlsError::NotADnsName { host: server_name.to_owned() }),
@@ -410,10 +488,11 @@ pub fn connect_lazy_as(
         .keep_alive_while_idle(true);
     let address = (host.to_owned(), port);
     let connect = tower::service_fn(move |_uri| {
-        let connector = TlsConnector::from(config.current());
+        let config = config.clone();
         let server_name = server_name.clone();
         let address = address.clone();
         async move {
+            let connector = TlsConnector::from(config.current(connect_timeout).await?);
             let tcp = TcpStream::connect(address).await?;
             tcp.set_nodelay(true)?;
             // Captures are small and many: their TLS records leave together when h2 flushes

@@ -13,6 +13,7 @@ pub mod envoyfilter;
 pub mod http;
 pub mod mesh;
 pub mod process;
+pub mod sds;
 pub mod tools;
 pub mod tshark;
 

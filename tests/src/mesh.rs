@@ -63,9 +63,12 @@ pub enum SidecarCapture {
     Chart { values: serde_json::Value },
     /// By the native capture (`native-capture/`) instead of the Wasm filters: the bare sidecars
     /// with the dynamic module before the router of every HTTP connection manager (`role:
-    /// auto`), connecting to the aggregator with the sidecar's certificates, the pod's labels in
-    /// a downward-API file. It captures HTTP only (Diameter stays uncaptured).
+    /// auto`), connecting to the aggregator with the sidecar's certificate, which a stand-in
+    /// for Istio's node agent serves over SDS ([`crate::sds`]), the pod's labels in a
+    /// downward-API file. It captures HTTP only (Diameter stays uncaptured).
     Native,
+    /// [`SidecarCapture::Native`] with the certificate files configured instead of SDS.
+    NativeFromFiles,
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +153,9 @@ pub struct Mesh {
     native_overrides: Option<String>,
     /// Patches applied per sidecar (chart and native modes).
     pub patches_applied: Vec<(String, usize)>,
+    /// Native mode: each sidecar's stand-in for Istio's node agent, serving its certificate
+    /// over SDS, by sidecar name.
+    secret_services: Vec<(String, crate::sds::SdsServer)>,
 }
 
 fn render(template: &str, values: &[(&str, String)]) -> Result<String> {
@@ -224,6 +230,7 @@ impl Mesh {
             max_body_bytes: options.max_body_bytes,
             native_overrides: options.filter_config.clone(),
             patches_applied: Vec::new(),
+            secret_services: Vec::new(),
         };
         mesh.start_emulator()?;
         mesh.start_aggregator()?;
@@ -321,8 +328,20 @@ impl Mesh {
             let applied = crate::envoyfilter::apply(&mut config, &envoy_filters, &emulation)?;
             self.patches_applied.push((name.to_owned(), applied));
         }
-        if let SidecarCapture::Native = self.capture {
-            let applied = self.insert_native_capture(&mut config, certs)?;
+        if self.is_native() {
+            let credentials = if matches!(self.capture, SidecarCapture::NativeFromFiles) {
+                serde_json::json!({
+                    "caFile": certs.join("root-cert.pem"),
+                    "certFile": certs.join("cert-chain.pem"),
+                    "keyFile": certs.join("key.pem"),
+                })
+            } else {
+                let secrets = crate::sds::SdsServer::start(&self.dir.join(format!("{name}-sds.sock")), certs)?;
+                let socket = serde_json::json!({"sdsSocket": secrets.socket});
+                self.secret_services.push((name.to_owned(), secrets));
+                socket
+            };
+            let applied = self.insert_native_capture(&mut config, credentials)?;
             self.patches_applied.push((name.to_owned(), applied));
         }
         let path = self.dir.join(format!("{name}.json"));
@@ -332,7 +351,7 @@ impl Mesh {
 
     /// Puts the native capture before the router of every HTTP connection manager; returns
     /// how many.
-    fn insert_native_capture(&self, config: &mut serde_json::Value, certs: &Path) -> Result<usize> {
+    fn insert_native_capture(&self, config: &mut serde_json::Value, credentials: serde_json::Value) -> Result<usize> {
         let library = tools::native_capture()?;
         // The pod's labels where Istio's injection mounts them (downward API, Go-quoted values):
         // the same labels as the node metadata the Wasm filter reads.
@@ -354,15 +373,13 @@ impl Mesh {
             "aggregator": {
                 "address": format!("127.0.0.1:{}", self.aggregator_port),
                 "serverName": AGGREGATOR_SAN,
-                "caFile": certs.join("root-cert.pem"),
-                "certFile": certs.join("cert-chain.pem"),
-                "keyFile": certs.join("key.pem"),
             },
             "podLabelsFile": labels_file,
             "maxBodyBytes": self.max_body_bytes,
             "flushIntervalMs": 50,
             "role": "auto",
         });
+        merge(&mut settings, serde_json::json!({"aggregator": credentials}));
         if let Some(overrides) = &self.native_overrides {
             merge(&mut settings, serde_json::from_str(overrides).context("native capture overrides")?);
         }
@@ -614,7 +631,16 @@ impl Mesh {
 
     /// Whether the sidecars capture with the native capture.
     pub fn is_native(&self) -> bool {
-        matches!(self.capture, SidecarCapture::Native)
+        matches!(self.capture, SidecarCapture::Native | SidecarCapture::NativeFromFiles)
+    }
+
+    /// The stand-in node agent serving a sidecar's certificate (native mode with SDS).
+    pub fn secret_service(&self, sidecar: Sidecar) -> Option<&crate::sds::SdsServer> {
+        let name = match sidecar {
+            Sidecar::Client => "client-sidecar",
+            Sidecar::Server => "server-sidecar",
+        };
+        self.secret_services.iter().find(|(n, _)| n == name).map(|(_, server)| server)
     }
 
     /// Stops the aggregator with SIGTERM; returns whether it exited cleanly.
@@ -629,7 +655,7 @@ impl Mesh {
             Sidecar::Client => self.client_admin,
             Sidecar::Server => self.server_admin,
         };
-        let namespace = if matches!(self.capture, SidecarCapture::Native) { NATIVE_STATS } else { "wasmcustom" };
+        let namespace = if self.is_native() { NATIVE_STATS } else { "wasmcustom" };
         let stat = format!("{namespace}.packet_inspector.{name}");
         let stats = admin_get(admin, &format!("/stats?filter=^{}$", stat.replace('.', "\\.")))?;
         stats

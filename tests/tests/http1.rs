@@ -407,8 +407,12 @@ fn bad_native_capture_configuration_is_refused_with_a_clear_log_line() {
             "packet-inspector: invalid native capture configuration: `maxBodyBytes` is 99999999999; at most 16777216",
         ),
         (
-            r#"{"aggregator":{"caFile":"/nonexistent/root-cert.pem"}}"#,
+            r#"{"aggregator":{"sdsSocket":null,"caFile":"/nonexistent/root-cert.pem","certFile":"/nonexistent/c.pem","keyFile":"/nonexistent/k.pem"}}"#,
             "cannot read certificates from /nonexistent/root-cert.pem",
+        ),
+        (
+            r#"{"aggregator":{"caFile":"/nonexistent/root-cert.pem"}}"#,
+            "`aggregator` needs either `sdsSocket` or all of `caFile`, `certFile` and `keyFile`, not both",
         ),
         (r#"{"cluster":"packet_inspector_aggregator"}"#, "`cluster` is the Wasm filter's key"),
     ];
@@ -426,16 +430,68 @@ fn bad_native_capture_configuration_is_refused_with_a_clear_log_line() {
     }
 }
 
+/// The native capture takes the sidecar's certificate from the secret service as Envoy does:
+/// it acknowledges each push under the sidecar's node id, refuses an unusable one with the
+/// reason (and says so in Envoy's log) while keeping the last good certificate, takes the next
+/// good one, and reconnects with it after the aggregator comes back.
+#[test]
+fn the_native_capture_follows_the_certificate_the_secret_service_pushes() {
+    let mut mesh = Mesh::start(MeshOptions { capture: SidecarCapture::Native, ..Default::default() }).unwrap();
+    let answered = |mesh: &Mesh, secret: &str, nonce: &str| {
+        let answers = mesh.secret_service(Sidecar::Client).unwrap().answers();
+        answers.into_iter().find(|a| a.secret == secret && a.nonce == nonce)
+    };
+    let wait = |what: &str, secret: &str, nonce: &str| {
+        wait_for(what, Duration::from_secs(10), || answered(&mesh, secret, nonce)).unwrap()
+    };
+    for secret in ["default", "ROOTCA"] {
+        let ack = wait("the first push acknowledged", secret, &format!("{secret}-1"));
+        assert_eq!((ack.version.as_str(), ack.refused.as_deref()), ("v1", None), "{secret}");
+        assert!(ack.node_id.starts_with("sidecar~"), "{ack:?}");
+        assert!(ack.node_id.contains(&format!("~{}.{}~", mesh::CLIENT_POD, mesh::NAMESPACE)), "{ack:?}");
+    }
+
+    let broken = mesh.secret_service(Sidecar::Client).unwrap().push_unusable_key();
+    let nack = wait("the unusable push refused", "default", &format!("default-{broken}"));
+    assert_eq!(nack.version, "v1", "a NACK names the version still in use");
+    let reason = nack.refused.unwrap_or_default();
+    assert!(reason.contains("private key is not usable PEM"), "{reason}");
+    let logged = wait_for("the refusal in Envoy's log", Duration::from_secs(10), || {
+        mesh.log_of("client-sidecar")
+            .contains(&format!("refused version \"v{broken}\" of secret \"default\""))
+            .then_some(())
+    });
+    assert!(logged.is_ok(), "{}", mesh.log_tails(20));
+
+    let good = mesh.secret_service(Sidecar::Client).unwrap().rotate();
+    let ack = wait("the next good push acknowledged", "default", &format!("default-{good}"));
+    assert_eq!((ack.version, ack.refused), (format!("v{good}"), None));
+
+    // A new connection to the aggregator is made with the pushed certificate.
+    let ready_before = mesh.counter(Sidecar::Client, "streams_ready").unwrap();
+    assert!(mesh.stop_aggregator());
+    mesh.start_aggregator().unwrap();
+    wait_for("the capture stream back", Duration::from_secs(30), || {
+        (mesh.counter(Sidecar::Client, "streams_ready").unwrap() > ready_before).then_some(())
+    })
+    .unwrap();
+    let response = mesh.request("GET /rotated HTTP/1.1\r\nhost: reviews:9080\r\nx-request-id: rotated-1", b"").unwrap();
+    assert_eq!(response.status, 200);
+    mesh.wait_for_capture("consumer", "rotated-1").unwrap();
+    mesh.shutdown().unwrap();
+}
+
 /// What the native capture holds when Envoy stops cleanly still reaches the analysis service:
 /// with a flush tick far away, the exchange's frames are only in the worker's buffer when the
-/// sidecars get SIGTERM, and the last configuration's teardown sends them.
+/// sidecars get SIGTERM, and the last configuration's teardown sends them. (With the
+/// certificate files configured, so that way of giving the identity is run end to end too.)
 #[test]
 fn the_native_capture_delivers_what_it_holds_when_envoy_stops() {
     // The mesh removes its own directory when it stops; the captures must outlive it.
     let output_dir = std::env::temp_dir().join(format!("packet-inspector-last-{}", std::process::id()));
     std::fs::create_dir_all(&output_dir).unwrap();
     let options = MeshOptions {
-        capture: SidecarCapture::Native,
+        capture: SidecarCapture::NativeFromFiles,
         filter_config: Some(r#"{"flushIntervalMs": 5000}"#.to_owned()),
         output_dir: Some(output_dir.clone()),
         ..Default::default()
