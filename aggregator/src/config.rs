@@ -46,6 +46,10 @@ pub struct Args {
     /// The filter module (.wasm) to serve to proxies at /filter.wasm on the admin endpoint.
     #[arg(long, env = "PI_FILTER_MODULE")]
     pub filter_module: Option<PathBuf>,
+    /// The native capture (the dynamic module's .so) to serve to proxies at /native-capture.so
+    /// on the admin endpoint.
+    #[arg(long, env = "PI_NATIVE_MODULE")]
+    pub native_module: Option<PathBuf>,
     /// Name of the node this aggregator runs on (for captures whose proxy did not report it).
     #[arg(long, env = "NODE_NAME", default_value = "")]
     pub node_name: String,

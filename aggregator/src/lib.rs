@@ -45,8 +45,8 @@ pub enum AggregatorError {
     Tls(#[from] tls::TlsError),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
-    #[error("cannot read --filter-module {path}: {source}")]
-    FilterModule { path: std::path::PathBuf, source: std::io::Error },
+    #[error("cannot read --{flag} {path}: {source}")]
+    FilterModule { flag: &'static str, path: std::path::PathBuf, source: std::io::Error },
 }
 
 /// Serves filters on `listener` (and the admin endpoint on `admin`) until `shutdown`, then
@@ -70,15 +70,17 @@ pub async fn run(
     let (host, port) = config::host_port("analysis-address", &args.analysis_address)?;
     let channel = tls::connect_lazy(&host, port, client_tls, Duration::from_secs(5))?;
 
-    let module = match &args.filter_module {
-        Some(path) => {
-            let module = admin::FilterModule::load(path)
-                .map_err(|source| AggregatorError::FilterModule { path: path.clone(), source })?;
-            tracing::info!(path = %path.display(), sha256 = %module.sha256, "serving the filter module at /filter.wasm");
-            Some(module)
-        }
-        None => None,
-    };
+    let mut modules = Vec::new();
+    for (flag, path, url_path, content_type) in [
+        ("filter-module", &args.filter_module, admin::WASM_PATH, "application/wasm"),
+        ("native-module", &args.native_module, admin::NATIVE_PATH, "application/octet-stream"),
+    ] {
+        let Some(path) = path else { continue };
+        let module = admin::ServedModule::load(path, url_path, content_type)
+            .map_err(|source| AggregatorError::FilterModule { flag, path: path.clone(), source })?;
+        tracing::info!(path = %path.display(), sha256 = %module.sha256, "serving a capture module at {url_path}");
+        modules.push(module);
+    }
     let metrics = Arc::new(Metrics::default());
     let (forwarder, delivery) = Forwarder::start(
         channel,
@@ -88,7 +90,7 @@ pub async fn run(
         metrics.clone(),
     );
     if let Some(admin) = admin {
-        tokio::spawn(admin::serve(admin, metrics.clone(), module, shutdown.clone()));
+        tokio::spawn(admin::serve(admin, metrics.clone(), modules, shutdown.clone()));
     }
     let service = CaptureServer {
         forwarder,

@@ -8,6 +8,7 @@ Run by `cargo xtask test`; on its own: .venv/bin/python -m pytest tests/charts
 """
 
 import copy
+import json
 import os
 import pathlib
 
@@ -137,6 +138,9 @@ def refusal(chart, values):
         ("manifests/charts/packet-inspector-1-filter", {"module": {"sha256": SHA}, "diameterCapture": {"port": 0}}, "port"),
         ("manifests/charts/packet-inspector-1-filter", {"module": {"sha256": SHA}, "failurePolicy": "FAIL_CLOSED"}, "failurePolicy"),
         ("manifests/charts/packet-inspector-1-filter", {"module": {"sha256": SHA}, "httpCapture": {"maxBodyBytes": -1}}, "maxBodyBytes"),
+        ("manifests/charts/packet-inspector-1-filter", {"httpCapture": {"module": "native"}}, "sha256"),
+        ("manifests/charts/packet-inspector-1-filter", {"httpCapture": {"module": "native"}, "nativeModule": {"sha256": SHA}, "diameterCapture": {"enabled": True}}, "/module"),
+        ("manifests/charts/packet-inspector-1-filter", {"module": {"sha256": SHA}, "httpCapture": {"module": "so"}}, "module"),
         ("samples/packet-inspector-1-analysis-emulator", {"port": "21000"}, "port"),
         ("samples/packet-inspector-1-analysis-emulator", {"outputDir": "tmp"}, "outputDir"),
     ],
@@ -192,3 +196,41 @@ def test_filter_instance_scopes():
     assert [o["metadata"]["name"] for o in objects if "diameter" in o["metadata"]["name"]] == []
     contexts = {p["match"]["context"] for o in objects for p in o["spec"]["configPatches"]}
     assert contexts == {"GATEWAY"}
+
+
+def test_native_http_capture_needs_no_wasm():
+    """HTTP by the native capture: a dynamic-module filter fetched from the aggregator (pinned
+    by its sha256, never unloaded), configured to dial the aggregator with the sidecar's SDS
+    certificate; no Wasm module, aggregator cluster or Wasm sha256 unless Diameter needs them."""
+    chart = "manifests/charts/packet-inspector-1-filter"
+    native_sha = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    values = {"nativeModule": {"sha256": native_sha}, "httpCapture": {"module": "native"}, "aggregator": {"subjectAltNames": ["agg.istio-system.svc"]}}
+    _, objects = render(chart, "capture", "bookinfo", values)
+    http = next(o for o in objects if o["metadata"]["name"] == "capture-http")
+    filters = [p["patch"]["value"] for p in http["spec"]["configPatches"]]
+    assert len(filters) == 2
+    for value in filters:
+        typed = value["typed_config"]
+        assert typed["@type"] == "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
+        module = typed["dynamic_module_config"]
+        assert module["do_not_close"] is True
+        assert module["module"]["remote"]["sha256"] == native_sha
+        assert module["module"]["remote"]["http_uri"]["uri"] == "http://packet-inspector-1-aggregator.istio-system.svc.cluster.local:15501/native-capture.so"
+        assert module["module"]["remote"]["http_uri"]["cluster"] == "packet_inspector_native_module_capture"
+        config = json.loads(typed["filter_config"]["value"])
+        assert config["aggregator"] == {
+            "address": "packet-inspector-1-aggregator.istio-system.svc.cluster.local:15500",
+            "serverName": "agg.istio-system.svc",
+            "sdsSocket": "/var/run/secrets/workload-spiffe-uds/socket",
+        }
+        assert config["role"] == "auto" and config["maxBodyBytes"] == 65536 and "cluster" not in config
+        assert config["podLabelsFile"] == "/etc/istio/pod/labels"
+    clusters = next(o for o in objects if o["metadata"]["name"] == "capture-clusters")
+    assert [p["patch"]["value"]["name"] for p in clusters["spec"]["configPatches"]] == ["packet_inspector_native_module_capture"]
+    _, objects = render(chart, "capture", "bookinfo", {**values, "module": {"sha256": SHA}, "diameterCapture": {"enabled": True}})
+    clusters = next(o for o in objects if o["metadata"]["name"] == "capture-clusters")
+    assert [p["patch"]["value"]["name"] for p in clusters["spec"]["configPatches"]] == [
+        "packet_inspector_capture",
+        "packet_inspector_module_capture",
+        "packet_inspector_native_module_capture",
+    ]

@@ -5,10 +5,13 @@
 //! `INSERT_BEFORE` (matched by context ↔ listener traffic direction, listener port, filter and
 //! sub-filter names) and `CLUSTER` with `ADD`. Anything else fails loudly.
 //!
-//! Two things a cluster provides and a laptop does not are stood in for, and only those:
-//! Istio's SDS (the sidecar's `default` certificate and the `ROOTCA` bundle, served over
-//! `sds-grpc` by pilot-agent) becomes file-based SDS with the same secret names, and cluster DNS
-//! (the aggregator's Service name) resolves to loopback.
+//! What a cluster provides and a laptop does not is stood in for, and only that:
+//! - Istio's SDS (the sidecar's `default` certificate and the `ROOTCA` bundle, served over
+//!   `sds-grpc` by pilot-agent) becomes file-based SDS with the same secret names;
+//! - cluster DNS (the aggregator's Service name) resolves to loopback, in Envoy's clusters and
+//!   in the native capture's configuration (it resolves the name itself);
+//! - paths in the pod that the native capture's configuration names (the node agent's SDS
+//!   socket, the downward-API labels file) become the test's stand-ins for them.
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +24,9 @@ pub struct Emulation {
     pub sds_files: Vec<(String, PathBuf)>,
     /// Host name → address.
     pub dns: Vec<(String, String)>,
+    /// Path in the pod → the stand-in's path, replaced inside the native capture's
+    /// configuration.
+    pub pod_paths: Vec<(String, PathBuf)>,
 }
 
 impl Emulation {
@@ -45,7 +51,7 @@ impl Emulation {
             std::fs::write(&path, serde_json::to_vec_pretty(&secret)?)?;
             sds_files.push((name.to_owned(), path));
         }
-        Ok(Self { sds_files, dns })
+        Ok(Self { sds_files, dns, pod_paths: Vec::new() })
     }
 
     /// Rewrites what the cluster would have provided.
@@ -60,6 +66,15 @@ impl Emulation {
                 if let Some(Value::String(address)) = map.get_mut("address") {
                     if let Some((_, ip)) = self.dns.iter().find(|(host, _)| host == address) {
                         *address = ip.clone();
+                    }
+                }
+                // The native capture's configuration is JSON in a string.
+                if let Some(Value::String(config)) = map.get_mut("filter_config").and_then(|c| c.get_mut("value")) {
+                    for (host, ip) in &self.dns {
+                        *config = config.replace(&format!("\"{host}:"), &format!("\"{ip}:"));
+                    }
+                    for (path, standin) in &self.pod_paths {
+                        *config = config.replace(&format!("\"{path}\""), &format!("\"{}\"", standin.display()));
                     }
                 }
                 map.values_mut().for_each(|v| self.localize(v));
@@ -209,7 +224,8 @@ mod tests {
         let filters = vec![json!({"kind": "EnvoyFilter", "spec": {"configPatches": [
             {"applyTo": "HTTP_FILTER", "match": {"context": "SIDECAR_OUTBOUND", "listener": {"filterChain": {"filter": {
                 "name": "envoy.filters.network.http_connection_manager", "subFilter": {"name": "envoy.filters.http.router"}}}}},
-             "patch": {"operation": "INSERT_BEFORE", "value": {"name": "capture"}}},
+             "patch": {"operation": "INSERT_BEFORE", "value": {"name": "capture", "typed_config": {"filter_config": {
+                "value": r#"{"aggregator":{"address":"agg.ns.svc:15500","serverName":"agg.ns.svc","sdsSocket":"/var/run/sds"}}"#}}}}},
             {"applyTo": "HTTP_FILTER", "match": {"context": "SIDECAR_INBOUND", "listener": {"filterChain": {"filter": {
                 "name": "envoy.filters.network.http_connection_manager", "subFilter": {"name": "envoy.filters.http.router"}}}}},
              "patch": {"operation": "INSERT_BEFORE", "value": {"name": "never"}}},
@@ -222,6 +238,7 @@ mod tests {
         let emulation = Emulation {
             sds_files: vec![("default".into(), "/s/default.json".into())],
             dns: vec![("agg.ns.svc".into(), "127.0.0.1".into())],
+            pod_paths: vec![("/var/run/sds".into(), "/tmp/standin.sock".into())],
         };
         assert_eq!(apply(&mut config, &filters, &emulation).unwrap(), 3, "the inbound patch finds no inbound listener");
         let http: Vec<&str> = config
@@ -233,6 +250,14 @@ mod tests {
             .map(|f| f["name"].as_str().unwrap())
             .collect();
         assert_eq!(http, ["capture", "envoy.filters.http.router"]);
+        let native = config
+            .pointer("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters/0/typed_config/filter_config/value")
+            .unwrap();
+        assert_eq!(
+            native,
+            r#"{"aggregator":{"address":"127.0.0.1:15500","serverName":"agg.ns.svc","sdsSocket":"/tmp/standin.sock"}}"#,
+            "the address resolved, the certificate's name kept, the socket stood in for"
+        );
         assert_eq!(
             config.pointer("/static_resources/listeners/1/filter_chains/0/filters/0/name").unwrap(),
             "capture_diameter"

@@ -47,6 +47,8 @@ pub const CAPTURE_STREAMS: u64 = 4;
 pub const DIAMETER_PORT: u16 = 3868;
 /// Where Envoy puts the native capture's counters.
 pub const NATIVE_STATS: &str = "dynamicmodulescustom";
+/// Where Envoy puts the Wasm filter's counters.
+pub const WASM_STATS: &str = "wasmcustom";
 const STARTUP: Duration = Duration::from_secs(60);
 
 /// How the sidecars capture.
@@ -298,12 +300,13 @@ impl Mesh {
         let sidecars =
             if matches!(mesh.capture, SidecarCapture::Bare) { vec![] } else { vec![Sidecar::Client, Sidecar::Server] };
         for sidecar in sidecars {
-            let streams = mesh.capture_streams();
-            let ready = wait_for(&format!("{sidecar:?} sidecar's capture stream"), STARTUP, || {
-                mesh.counter(sidecar, "streams_ready").ok().filter(|n| *n >= streams)
-            });
-            if let Err(err) = ready {
-                bail!("{err}\n{}", mesh.log_tails(40));
+            for (namespace, streams) in mesh.expected_streams() {
+                let ready = wait_for(&format!("{sidecar:?} sidecar's {namespace} capture streams"), STARTUP, || {
+                    mesh.stat(sidecar, namespace, "streams_ready").ok().filter(|n| *n >= streams)
+                });
+                if let Err(err) = ready {
+                    bail!("{err}\n{}", mesh.log_tails(40));
+                }
             }
         }
         mesh.failed = false;
@@ -321,14 +324,24 @@ impl Mesh {
         crate::envoyfilter::strip_capture(&mut config);
         if let SidecarCapture::Chart { values } = self.capture.clone() {
             let envoy_filters = self.render_filter_chart(values)?;
-            let emulation = crate::envoyfilter::Emulation::for_certs(
+            let mut emulation = crate::envoyfilter::Emulation::for_certs(
                 certs,
                 vec![(CHART_AGGREGATOR_HOST.to_owned(), "127.0.0.1".to_owned())],
             )?;
+            if self.chart_is_native() {
+                // What Istio gives the native capture in the pod: the node agent's SDS socket and
+                // the downward-API labels file.
+                let secrets = crate::sds::SdsServer::start(&self.dir.join(format!("{name}-sds.sock")), certs)?;
+                emulation.pod_paths = vec![
+                    (ISTIO_SDS_SOCKET.to_owned(), secrets.socket.clone()),
+                    (ISTIO_POD_LABELS.to_owned(), self.write_labels_file(&config)?),
+                ];
+                self.secret_services.push((name.to_owned(), secrets));
+            }
             let applied = crate::envoyfilter::apply(&mut config, &envoy_filters, &emulation)?;
             self.patches_applied.push((name.to_owned(), applied));
         }
-        if self.is_native() {
+        if matches!(self.capture, SidecarCapture::Native | SidecarCapture::NativeFromFiles) {
             let credentials = if matches!(self.capture, SidecarCapture::NativeFromFiles) {
                 serde_json::json!({
                     "caFile": certs.join("root-cert.pem"),
@@ -353,20 +366,7 @@ impl Mesh {
     /// how many.
     fn insert_native_capture(&self, config: &mut serde_json::Value, credentials: serde_json::Value) -> Result<usize> {
         let library = tools::native_capture()?;
-        // The pod's labels where Istio's injection mounts them (downward API, Go-quoted values):
-        // the same labels as the node metadata the Wasm filter reads.
-        let labels: String = config
-            .pointer("/node/metadata/LABELS")
-            .and_then(|v| v.as_object())
-            .into_iter()
-            .flatten()
-            .map(|(key, value)| {
-                format!("{key}={}\n", serde_json::Value::String(value.as_str().unwrap_or_default().to_owned()))
-            })
-            .collect();
-        let pod_name = config.pointer("/node/metadata/NAME").and_then(|v| v.as_str()).unwrap_or("pod");
-        let labels_file = self.dir.join(format!("{pod_name}-labels"));
-        std::fs::write(&labels_file, labels)?;
+        let labels_file = self.write_labels_file(config)?;
         // Every connection manager gets the same configuration (`role: auto` tells inbound
         // from outbound).
         let mut settings = serde_json::json!({
@@ -430,6 +430,30 @@ impl Mesh {
         Ok(inserted)
     }
 
+    /// The pod's labels where Istio's injection mounts them (downward API, Go-quoted values): the
+    /// same labels as the node metadata the Wasm filter reads. Returns the file.
+    fn write_labels_file(&self, config: &serde_json::Value) -> Result<PathBuf> {
+        let labels: String = config
+            .pointer("/node/metadata/LABELS")
+            .and_then(|v| v.as_object())
+            .into_iter()
+            .flatten()
+            .map(|(key, value)| {
+                format!("{key}={}\n", serde_json::Value::String(value.as_str().unwrap_or_default().to_owned()))
+            })
+            .collect();
+        let pod_name = config.pointer("/node/metadata/NAME").and_then(|v| v.as_str()).unwrap_or("pod");
+        let labels_file = self.dir.join(format!("{pod_name}-labels"));
+        std::fs::write(&labels_file, labels)?;
+        Ok(labels_file)
+    }
+
+    /// Whether the filter chart is rendered with HTTP captured by the native capture.
+    fn chart_is_native(&self) -> bool {
+        let SidecarCapture::Chart { values } = &self.capture else { return false };
+        values.pointer("/httpCapture/module").and_then(|v| v.as_str()) == Some("native")
+    }
+
     /// The filter chart's EnvoyFilters for this run: `values` plus the aggregator's ports and
     /// the built module's URL (served by the aggregator) and sha256.
     fn render_filter_chart(&self, mut values: serde_json::Value) -> Result<Vec<serde_json::Value>> {
@@ -447,6 +471,16 @@ impl Mesh {
             "flushIntervalMs": 50,
         });
         merge(&mut values, run);
+        if self.chart_is_native() {
+            let native = std::fs::read(tools::native_capture()?)?;
+            let sha256: String = ring::digest::digest(&ring::digest::SHA256, &native)
+                .as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let url = format!("http://127.0.0.1:{}/native-capture.so", self.aggregator_admin_port);
+            merge(&mut values, serde_json::json!({"nativeModule": {"url": url, "sha256": sha256}}));
+        }
         let output = Command::new(tools::python()?)
             .arg(workspace_root().join("tests/charts/render.py"))
             .arg(workspace_root().join("manifests/charts/packet-inspector-1-filter"))
@@ -611,6 +645,9 @@ impl Mesh {
             .args(["--node-name", "demo-node-1"])
             .arg("--filter-module")
             .arg(tools::wasm()?);
+        if self.chart_is_native() {
+            command.arg("--native-module").arg(tools::native_capture()?);
+        }
         if let Some(interval) = self.segment_interval_ms {
             command.args(["--segment-interval-ms", &interval.to_string()]);
         }
@@ -629,9 +666,27 @@ impl Mesh {
         }
     }
 
-    /// Whether the sidecars capture with the native capture.
+    /// Whether the sidecars capture HTTP with the native capture (its counters are then the
+    /// ones [`Mesh::counter`] reads).
     pub fn is_native(&self) -> bool {
-        matches!(self.capture, SidecarCapture::Native | SidecarCapture::NativeFromFiles)
+        matches!(self.capture, SidecarCapture::Native | SidecarCapture::NativeFromFiles) || self.chart_is_native()
+    }
+
+    /// The capture streams each sidecar opens, by the stats namespace of the module opening
+    /// them: the Wasm filter's [`CAPTURE_STREAMS`], the native capture's one per worker, or, with
+    /// the chart capturing HTTP natively, that one plus the Wasm Diameter filter's two (worker
+    /// and main thread) when Diameter is captured.
+    fn expected_streams(&self) -> Vec<(&'static str, u64)> {
+        if !self.is_native() {
+            return vec![(WASM_STATS, CAPTURE_STREAMS)];
+        }
+        let mut streams = vec![(NATIVE_STATS, 1)];
+        if let SidecarCapture::Chart { values } = &self.capture {
+            if values.pointer("/diameterCapture/enabled").and_then(|v| v.as_bool()) == Some(true) {
+                streams.push((WASM_STATS, CAPTURE_STREAMS / 2));
+            }
+        }
+        streams
     }
 
     /// The stand-in node agent serving a sidecar's certificate (native mode with SDS).
@@ -651,11 +706,16 @@ impl Mesh {
     /// A filter counter from a sidecar's stats (`wasmcustom.packet_inspector.<name>`, or the
     /// native capture's `dynamicmodulescustom.packet_inspector.<name>`).
     pub fn counter(&self, sidecar: Sidecar, name: &str) -> Result<u64> {
+        self.stat(sidecar, if self.is_native() { NATIVE_STATS } else { WASM_STATS }, name)
+    }
+
+    /// A counter of a sidecar's capture module, by stats namespace ([`WASM_STATS`] or
+    /// [`NATIVE_STATS`]).
+    pub fn stat(&self, sidecar: Sidecar, namespace: &str, name: &str) -> Result<u64> {
         let admin = match sidecar {
             Sidecar::Client => self.client_admin,
             Sidecar::Server => self.server_admin,
         };
-        let namespace = if self.is_native() { NATIVE_STATS } else { "wasmcustom" };
         let stat = format!("{namespace}.packet_inspector.{name}");
         let stats = admin_get(admin, &format!("/stats?filter=^{}$", stat.replace('.', "\\.")))?;
         stats
@@ -804,6 +864,10 @@ impl Drop for Mesh {
 }
 
 /// The aggregator's Service name the chart is rendered with (resolved to loopback in the run).
+/// Where Istio's node agent serves SDS in the pod, and where its injection mounts the labels.
+const ISTIO_SDS_SOCKET: &str = "/var/run/secrets/workload-spiffe-uds/socket";
+const ISTIO_POD_LABELS: &str = "/etc/istio/pod/labels";
+
 pub const CHART_AGGREGATOR_HOST: &str = "packet-inspector-1-aggregator.istio-system.svc.cluster.local";
 
 /// `overlay` merged into `base`, objects key by key.

@@ -5,7 +5,7 @@
 //! instance), the same sidecars pass the same traffic and capture nothing.
 
 use packet_inspector_tests::{
-    mesh::{self, Mesh, MeshOptions, SidecarCapture},
+    mesh::{self, Mesh, MeshOptions, Sidecar, SidecarCapture},
     tshark,
 };
 use serde_json::json;
@@ -42,6 +42,60 @@ fn the_filter_charts_envoyfilters_capture_in_real_envoy() {
             .unwrap();
         assert!(captures.iter().all(|f| tshark::problems(&f.pcap).unwrap().is_empty()));
     }
+    mesh.shutdown().unwrap();
+}
+
+/// The chart with HTTP captured by the native capture: Envoy fetches the library from the
+/// aggregator (pinned by its sha256) as it fetches the Wasm module, the library takes the
+/// sidecar's certificate from the node agent's SDS socket and the pod's labels from the
+/// downward-API file, as Istio provides them in the pod, and its captures decode and carry the
+/// pod's identity; Diameter stays with the Wasm network filter, side by side.
+#[test]
+fn the_filter_charts_native_capture_runs_in_real_envoy() {
+    let values = json!({
+        "httpCapture": {"module": "native"},
+        "diameterCapture": {"enabled": true, "port": mesh::DIAMETER_PORT},
+    });
+    let mesh = Mesh::start(MeshOptions { capture: SidecarCapture::Chart { values }, ..Default::default() }).unwrap();
+    // The native HTTP filter, the Diameter network filter, and the clusters of the aggregator
+    // (Diameter's streams) and of the two modules.
+    assert_eq!(mesh.patches_applied, vec![("server-sidecar".to_owned(), 5), ("client-sidecar".to_owned(), 5)]);
+    for name in ["client-sidecar", "server-sidecar"] {
+        assert!(mesh.log_of(name).contains("Dynamic module ABI version v0.2.0 matched"), "{name}");
+    }
+
+    let response =
+        mesh.request("GET /native HTTP/1.1\r\nhost: reviews:9080\r\nx-request-id: chart-native-1", b"").unwrap();
+    assert_eq!(response.status, 200);
+    for (role, pod, workload) in
+        [("consumer", mesh::CLIENT_POD, mesh::CLIENT_WORKLOAD), ("producer", mesh::SERVER_POD, mesh::SERVER_WORKLOAD)]
+    {
+        let files = mesh.wait_for_capture(role, "chart-native-1").unwrap();
+        let rule = tshark::decode_rule(&files.pcap, "http").unwrap();
+        let fields = ["http.request.method", "http.request.uri", "http.response.code"];
+        let rows = tshark::fields_decoded(&files.pcap, &rule, "http", &fields).unwrap();
+        assert_eq!(rows[0][..2], ["GET", "/native"], "{role}");
+        assert_eq!(rows[1][2], "200", "{role}");
+        let document = files.document().unwrap();
+        let metadata = document.get_document("metadata").unwrap();
+        assert_eq!(metadata.get_str("podName").unwrap(), pod, "{role}");
+        assert_eq!(metadata.get_str("role").unwrap(), role);
+        assert_eq!(metadata.get_document("labels").unwrap().get_str("app").unwrap(), workload, "{role}");
+    }
+    for sidecar in [Sidecar::Client, Sidecar::Server] {
+        assert_eq!(mesh.stat(sidecar, mesh::NATIVE_STATS, "streams_opened").unwrap(), 1, "{sidecar:?}");
+        assert_eq!(mesh.stat(sidecar, mesh::WASM_STATS, "captures_started").unwrap(), 0, "HTTP is not captured twice");
+    }
+    let client_acks = mesh.secret_service(Sidecar::Client).unwrap().answers();
+    assert!(client_acks.iter().any(|a| a.secret == "default" && a.refused.is_none()), "{client_acks:?}");
+
+    assert_eq!(mesh.run_diameter_client(1).unwrap().len(), 1);
+    let captures = packet_inspector_tests::wait_for("Diameter captures", std::time::Duration::from_secs(30), || {
+        let captures = mesh.diameter_captures(mesh::CLIENT_POD);
+        (captures.len() >= 2).then_some(captures)
+    })
+    .unwrap();
+    assert!(captures.iter().all(|f| tshark::problems(&f.pcap).unwrap().is_empty()));
     mesh.shutdown().unwrap();
 }
 

@@ -22,8 +22,64 @@ app.kubernetes.io/component: capture-filter
 {{- printf "packet_inspector_module_%s" (.Release.Name | replace "-" "_") }}
 {{- end }}
 
+{{- define "filter.nativeModuleCluster" -}}
+{{- printf "packet_inspector_native_module_%s" (.Release.Name | replace "-" "_") }}
+{{- end }}
+
 {{- define "filter.moduleUrl" -}}
 {{- default (printf "http://%s:%d/filter.wasm" .Values.aggregator.host (int .Values.aggregator.adminPort)) .Values.module.url }}
+{{- end }}
+{{- define "filter.nativeModuleUrl" -}}
+{{- default (printf "http://%s:%d/native-capture.so" .Values.aggregator.host (int .Values.aggregator.adminPort)) .Values.nativeModule.url }}
+{{- end }}
+
+{{/* Whether HTTP is captured by the native capture, and whether any patch runs the Wasm module. */}}
+{{- define "filter.httpNative" -}}
+{{- if and .Values.httpCapture.enabled (eq .Values.httpCapture.module "native") }}true{{ end }}
+{{- end }}
+{{- define "filter.usesWasm" -}}
+{{- if or (and .Values.httpCapture.enabled (eq .Values.httpCapture.module "wasm")) (and .Values.diameterCapture.enabled (not .Values.gateway.enabled)) }}true{{ end }}
+{{- end }}
+
+{{/*
+A cluster fetching a module from a URL's host (plain HTTP, the module pinned by sha256):
+(dict "name" NAME "url" URL).
+*/}}
+{{- define "filter.moduleClusterPatch" -}}
+- applyTo: CLUSTER
+  match:
+    context: {{ .context }}
+  patch:
+    operation: ADD
+    value:
+      name: {{ .name }}
+      type: STRICT_DNS
+      connect_timeout: 2s
+      dns_lookup_family: V4_PREFERRED
+      load_assignment:
+        cluster_name: {{ .name }}
+        endpoints:
+          - lb_endpoints:
+              - endpoint:
+                  address:
+                    socket_address:
+                      address: {{ (urlParse .url).hostname }}
+                      port_value: {{ (urlParse .url).host | splitList ":" | last | int | default 80 }}
+{{- end }}
+
+{{/*
+The native capture's configuration (JSON) for one patch: the plugin configuration's capture
+keys, with the aggregator dialled by the library itself and the sidecar's certificate from
+Istio's node agent (SDS): (dict "root" $ "role" "auto").
+*/}}
+{{- define "filter.nativeConfig" -}}
+{{- $root := .root -}}
+{{- $values := $root.Values -}}
+{{- $serverName := default $values.aggregator.host (first $values.aggregator.subjectAltNames) -}}
+{{- $aggregator := dict "address" (printf "%s:%d" $values.aggregator.host (int $values.aggregator.port)) "serverName" $serverName "sdsSocket" $values.nativeModule.sdsSocket -}}
+{{- /* Istio's injection mounts the pod's labels here (downward API). */ -}}
+{{- $config := dict "aggregator" $aggregator "podLabelsFile" "/etc/istio/pod/labels" "flushIntervalMs" (int $values.flushIntervalMs) "role" .role "maxBodyBytes" (int $values.httpCapture.maxBodyBytes) "labels" $values.httpCapture.labels "gateway" $values.gateway.enabled -}}
+{{- $config | toJson }}
 {{- end }}
 
 {{/*
