@@ -387,7 +387,7 @@ impl Mesh {
             "name": "packet_inspector_native",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
-                "dynamic_module_config": {"module": {"local": {"filename": library}}},
+                "dynamic_module_config": {"module": {"local": {"filename": library}}, "do_not_close": true},
                 "filter_name": "packet_inspector",
                 "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": settings.to_string()},
             },

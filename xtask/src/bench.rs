@@ -931,7 +931,7 @@ fn native_capture_filter(release: &Path, certs: &Path, aggregator_port: u16) -> 
           - name: packet_inspector_native
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
-              dynamic_module_config: {{ module: {{ local: {{ filename: {} }} }} }}
+              dynamic_module_config: {{ module: {{ local: {{ filename: {} }} }}, do_not_close: true }}
               filter_name: packet_inspector
               filter_config: {{ "@type": type.googleapis.com/google.protobuf.StringValue, value: {} }}"#,
         release.join("libpacket_inspector_native_capture.so").display(),
