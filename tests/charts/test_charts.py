@@ -234,3 +234,25 @@ def test_native_http_capture_needs_no_wasm():
         "packet_inspector_module_capture",
         "packet_inspector_native_module_capture",
     ]
+
+
+def test_a_sha256_of_digits_stays_a_string():
+    """A digest YAML would read as a number (all digits) reaches Envoy as the string it is."""
+    digits = "1" * 64
+    values = {"module": {"sha256": digits}, "nativeModule": {"sha256": digits}, "diameterCapture": {"enabled": True}}
+    for module in ["wasm", "native"]:
+        _, objects = render("manifests/charts/packet-inspector-1-filter", "c", "ns", {**values, "httpCapture": {"module": module}})
+        found = []
+
+        def walk(node):
+            if isinstance(node, dict):
+                if "sha256" in node:
+                    found.append(node["sha256"])
+                for child in node.values():
+                    walk(child)
+            elif isinstance(node, list):
+                for child in node:
+                    walk(child)
+
+        walk(objects)
+        assert found and all(sha == digits for sha in found), (module, found)

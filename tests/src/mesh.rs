@@ -86,6 +86,9 @@ pub struct MeshOptions {
     /// The aggregator's `--segment-interval-ms` (its own default when `None`).
     pub segment_interval_ms: Option<u64>,
     pub capture: SidecarCapture,
+    /// Whether startup waits for every sidecar's capture streams (not when the test expects the
+    /// capture not to start).
+    pub expect_capture_streams: bool,
 }
 
 impl Default for MeshOptions {
@@ -97,6 +100,7 @@ impl Default for MeshOptions {
             filter_config: None,
             segment_interval_ms: None,
             capture: SidecarCapture::Sample,
+            expect_capture_streams: true,
         }
     }
 }
@@ -297,8 +301,11 @@ impl Mesh {
             &client_certs,
         )?;
         mesh.client_envoy = Some(client);
-        let sidecars =
-            if matches!(mesh.capture, SidecarCapture::Bare) { vec![] } else { vec![Sidecar::Client, Sidecar::Server] };
+        let sidecars = if matches!(mesh.capture, SidecarCapture::Bare) || !options.expect_capture_streams {
+            vec![]
+        } else {
+            vec![Sidecar::Client, Sidecar::Server]
+        };
         for sidecar in sidecars {
             for (namespace, streams) in mesh.expected_streams() {
                 let ready = wait_for(&format!("{sidecar:?} sidecar's {namespace} capture streams"), STARTUP, || {
@@ -479,6 +486,9 @@ impl Mesh {
                 .map(|b| format!("{b:02x}"))
                 .collect();
             let url = format!("http://127.0.0.1:{}/native-capture.so", self.aggregator_admin_port);
+            // The library's sha256 unless the test gives one (a mismatch, to see Envoy refuse it).
+            let given = values.pointer("/nativeModule/sha256").and_then(|v| v.as_str()).map(str::to_owned);
+            let sha256 = given.unwrap_or(sha256);
             merge(&mut values, serde_json::json!({"nativeModule": {"url": url, "sha256": sha256}}));
         }
         let output = Command::new(tools::python()?)

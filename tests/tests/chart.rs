@@ -99,6 +99,27 @@ fn the_filter_charts_native_capture_runs_in_real_envoy() {
     mesh.shutdown().unwrap();
 }
 
+/// Capture never costs traffic: when Envoy cannot take the native capture (here its sha256 does
+/// not match what the aggregator serves), it says so in its log and runs the listeners without
+/// it; requests pass and nothing is captured.
+#[test]
+fn a_native_capture_envoy_cannot_fetch_leaves_traffic_passing_uncaptured() {
+    let values = json!({"httpCapture": {"module": "native"}, "nativeModule": {"sha256": "0".repeat(64)}});
+    let options =
+        MeshOptions { capture: SidecarCapture::Chart { values }, expect_capture_streams: false, ..Default::default() };
+    let mesh = Mesh::start(options).unwrap();
+    let response =
+        mesh.request("POST /unfetched HTTP/1.1\r\nhost: reviews:9080\r\nx-request-id: unfetched-1", b"passes").unwrap();
+    assert_eq!((response.status, response.body.as_slice()), (200, &b"passes"[..]));
+    for name in ["client-sidecar", "server-sidecar"] {
+        let log = mesh.log_of(name);
+        assert!(log.contains("Remote dynamic module fetch returned empty data"), "{name}:\n{}", mesh.log_tails(20));
+        assert!(!log.contains("ABI version v0.2.0 matched"), "{name} never loaded it");
+    }
+    assert_eq!(mesh.aggregator_metric("streams_total").unwrap(), 0);
+    mesh.shutdown().unwrap();
+}
+
 #[test]
 fn without_a_capture_instance_traffic_passes_and_nothing_is_captured() {
     let mesh = Mesh::start(MeshOptions { capture: SidecarCapture::Bare, ..Default::default() }).unwrap();

@@ -111,7 +111,7 @@ vm_config:
         uri: {{ include "filter.moduleUrl" $root }}
         cluster: {{ include "filter.moduleCluster" $root }}
         timeout: 10s
-      sha256: {{ $root.Values.module.sha256 }}
+      sha256: {{ $root.Values.module.sha256 | quote }}
       retry_policy:
         num_retries: 5
 {{- end }}
