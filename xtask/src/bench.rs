@@ -395,6 +395,8 @@ pub struct Setup {
     /// Per variant: pid, admin port, one listener port per size.
     pub under_test: BTreeMap<String, (u32, u16, Vec<u16>)>,
     pub tap_dir: TapDir,
+    /// The native capture's secret service, serving while the Envoys run (held, not read).
+    pub _secrets: packet_inspector_tests::sds::SdsServer,
 }
 
 /// Where the tap variant writes: a file per exchange, hundreds of thousands per bench (gigabytes
@@ -913,15 +915,14 @@ pub fn pipeline_state(setup: &Setup) -> String {
 const CAPTURE_CONFIGURATION: &str =
     r#"{"cluster":"packet_inspector_aggregator","role":"consumer","flushIntervalMs":100}"#;
 
-/// The native capture's filter, configured as [`CAPTURE_CONFIGURATION`] configures the Wasm one.
-fn native_capture_filter(release: &Path, certs: &Path, aggregator_port: u16) -> String {
+/// The native capture's filter, configured as [`CAPTURE_CONFIGURATION`] configures the Wasm one,
+/// with its certificate from a secret service as the filter chart deploys it.
+fn native_capture_filter(release: &Path, sds_socket: &Path, aggregator_port: u16) -> String {
     let settings = json!({
         "aggregator": {
             "address": format!("127.0.0.1:{aggregator_port}"),
             "serverName": "localhost",
-            "caFile": certs.join("root-cert.pem"),
-            "certFile": certs.join("cert-chain.pem"),
-            "keyFile": certs.join("key.pem"),
+            "sdsSocket": sds_socket,
         },
         "role": "consumer",
         "flushIntervalMs": 100,
@@ -955,6 +956,8 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
     // Certificates, the emulator (discarding) and the aggregator, off the measured core.
     let ca = Ca::new("bench mesh CA")?;
     let certs = ca.issue(&dir.join("certs"), &["localhost"])?;
+    // What Istio's node agent is to the native capture: its certificate over SDS.
+    let secrets = packet_inspector_tests::sds::SdsServer::start(&dir.join("sds.sock"), &certs)?;
     let (emulator_port, aggregator_port, aggregator_admin) = (free_port()?, free_port()?, free_port()?);
     spawn_emulator(&mut bench, &release, &certs, emulator_port, 0)?;
     let mut aggregator = pinned_idle(1, &release.join("packet-inspector-aggregator"));
@@ -1025,7 +1028,7 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
                 release.join("libpacket_inspector_native_floor.so").display()
             ),
             "capture" => wasm_filter(&capture_module, CAPTURE_CONFIGURATION),
-            "native-capture" => native_capture_filter(&release, &certs, aggregator_port),
+            "native-capture" => native_capture_filter(&release, &secrets.socket, aggregator_port),
             "candidate" => wasm_filter(
                 options.candidate.as_deref().unwrap_or(&capture_module),
                 options.candidate_configuration.as_deref().unwrap_or(CAPTURE_CONFIGURATION),
@@ -1107,6 +1110,7 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
         aggregator_pid,
         under_test,
         tap_dir,
+        _secrets: secrets,
     })
 }
 
