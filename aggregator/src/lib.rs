@@ -63,7 +63,7 @@ pub async fn run(
     args.validate()?;
     let identity = tls::Identity { cert_chain: args.tls_cert.clone(), private_key: args.tls_key.clone() };
     let server_tls = tls::reloading_server_config(identity, Some(args.client_ca.clone()))?;
-    let client_tls = tls::reloading_client_config(args.analysis_ca.clone(), None)?;
+    let client_tls = tls::reloading_client_config(args.analysis_ca.clone(), None, tls::ServerCheck::Name)?;
     let reload_every = Duration::from_secs(args.tls_reload_interval_seconds.max(1));
     server_tls.watch("filter server", reload_every, shutdown.clone());
     client_tls.watch("analysis client", reload_every, shutdown.clone());

@@ -67,8 +67,11 @@ pub enum Credentials {
 pub struct Aggregator {
     pub host: String,
     pub port: u16,
-    /// The DNS name the aggregator's certificate must carry.
-    pub server_name: String,
+    /// The DNS name the aggregator's certificate must carry (`serverName`, the host when not
+    /// given); `None` (`serverName: ""`): any certificate the roots vouch for, as the Wasm
+    /// filter's cluster without subject-alt-name matchers (Istio's workload certificates name a
+    /// SPIFFE identity, not a DNS name).
+    pub server_name: Option<String>,
     pub credentials: Credentials,
 }
 
@@ -140,7 +143,11 @@ impl Settings {
         if capture.protocol != CaptureProtocol::Http {
             return Err(SettingsError::Protocol);
         }
-        let server_name = raw.server_name.clone().unwrap_or_else(|| host.to_owned());
+        let server_name = match raw.server_name.clone() {
+            None => Some(host.to_owned()),
+            Some(name) if name.is_empty() => None,
+            Some(name) => Some(name),
+        };
         let aggregator = Aggregator { host: host.to_owned(), port, server_name, credentials: raw.credentials()? };
         Ok(Self { capture, aggregator, pod_labels_file })
     }
@@ -164,7 +171,7 @@ mod tests {
         .unwrap();
         assert_eq!(settings.aggregator.host, "10.0.0.7");
         assert_eq!(settings.aggregator.port, 15010);
-        assert_eq!(settings.aggregator.server_name, "agg.svc");
+        assert_eq!(settings.aggregator.server_name.as_deref(), Some("agg.svc"));
         let Credentials::Files { key_file, .. } = &settings.aggregator.credentials else { panic!("files") };
         assert_eq!(key_file, &PathBuf::from("/certs/key.pem"));
         assert_eq!(settings.capture.max_body_bytes, 10);
@@ -181,7 +188,9 @@ mod tests {
     #[test]
     fn the_server_name_defaults_to_the_host() {
         let settings = parse(&format!(r#"{{"aggregator": {{"address": "aggregator.local:9", {FILES}}}}}"#)).unwrap();
-        assert_eq!(settings.aggregator.server_name, "aggregator.local");
+        assert_eq!(settings.aggregator.server_name.as_deref(), Some("aggregator.local"));
+        let any = parse(&format!(r#"{{"aggregator": {{"address": "a:9", "serverName": "", {FILES}}}}}"#)).unwrap();
+        assert_eq!(any.aggregator.server_name, None, "an empty serverName checks the chain only");
         assert_eq!(settings.capture.max_body_bytes, 64 * 1024, "the Wasm filter's defaults apply");
         assert_eq!(settings.pod_labels_file, PathBuf::from("/etc/istio/pod/labels"));
     }

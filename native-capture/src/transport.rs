@@ -54,22 +54,24 @@ pub fn channel(
     core: &Arc<Core>,
     shutdown: &CancellationToken,
 ) -> Result<Channel, tls::TlsError> {
+    let check = if aggregator.server_name.is_some() { tls::ServerCheck::Name } else { tls::ServerCheck::ChainOnly };
     let config: tls::ClientTls = match &aggregator.credentials {
         Credentials::Files { ca_file, cert_file, key_file } => {
             let identity = tls::Identity { cert_chain: cert_file.clone(), private_key: key_file.clone() };
-            let config = tls::reloading_client_config(ca_file.clone(), Some(identity))?;
+            let config = tls::reloading_client_config(ca_file.clone(), Some(identity), check)?;
             config.watch("the aggregator client certificate", RELOAD_INTERVAL, shutdown.clone());
             config.into()
         }
         Credentials::Sds { socket } => {
             let node_id = identity::sds_node_id(&core.node, std::env::var("INSTANCE_IP").ok().as_deref());
-            let source = sds::Source { socket: socket.clone(), node_id };
+            let source = sds::Source { socket: socket.clone(), node_id, check };
             let core = core.clone();
             let warn = Arc::new(move |message: String| core.warn(&format!("packet-inspector: {message}")));
             tls::ClientTls::Pushed(sds::follow(source, warn, shutdown.clone()))
         }
     };
-    tls::connect_lazy_as(&aggregator.host, aggregator.port, &aggregator.server_name, config, CONNECT_TIMEOUT)
+    let server_name = aggregator.server_name.as_deref().unwrap_or(&aggregator.host);
+    tls::connect_lazy_as(&aggregator.host, aggregator.port, server_name, config, CONNECT_TIMEOUT)
 }
 
 /// Runs until [`Command::Shutdown`] (or every sender is gone), then drains.

@@ -149,6 +149,8 @@ pub struct Source {
     pub socket: PathBuf,
     /// The node id sent with the first request of each stream.
     pub node_id: String,
+    /// What the configs built from the secrets check of the server certificate.
+    pub check: tls::ServerCheck,
 }
 
 /// Follows the workload certificate and the roots at `source` until `shutdown`, publishing a
@@ -185,7 +187,7 @@ pub fn follow(
             }
             let (Some((chain, key)), Some(roots)) = (&workload, &roots) else { continue };
             let what = format!("the certificates from the secret service at {}", source.socket.display());
-            match tls::client_config_from_pem(&what, roots, chain, key) {
+            match tls::client_config_from_pem(&what, roots, chain, key, source.check) {
                 Ok(config) => {
                     publish.send_replace(Some(Arc::new(config)));
                 }
@@ -332,9 +334,13 @@ mod tests {
             }),
         );
         assert_eq!(parse(ROOT_SECRET, &roots), Ok(Part::Roots(cert.clone())));
-        assert!(tls::client_config_from_pem("pushed", &cert, &cert, &key).is_ok());
+        for check in [tls::ServerCheck::Name, tls::ServerCheck::ChainOnly] {
+            assert!(tls::client_config_from_pem("pushed", &cert, &cert, &key, check).is_ok());
+        }
         let (_, other_key) = pem();
-        let mismatch = tls::client_config_from_pem("pushed", &cert, &cert, &other_key).unwrap_err().to_string();
+        let mismatch = tls::client_config_from_pem("pushed", &cert, &cert, &other_key, tls::ServerCheck::Name)
+            .unwrap_err()
+            .to_string();
         assert!(mismatch.starts_with("pushed: the certificate chain does not fit the private key"), "{mismatch}");
     }
 

@@ -27,8 +27,15 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rustls::{server::WebPkiClientVerifier, ClientConfig, RootCertStore, ServerConfig};
-use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{
+    client::{
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        WebPkiServerVerifier,
+    },
+    server::WebPkiClientVerifier,
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+};
+use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -55,7 +62,7 @@ pub enum TlsError {
     KeyMismatch { cert: PathBuf, key: PathBuf, source: rustls::Error },
     #[error("cannot build a client-certificate verifier from {path}: {source}")]
     Verifier { path: PathBuf, source: rustls::server::VerifierBuilderError },
-    #[error("{host:?} is not a DNS name; the server certificate is checked for a DNS-name SAN equal to it")]
+    #[error("{host:?} is not a DNS name or an IP address; the server certificate is checked for a SAN equal to it")]
     NotADnsName { host: String },
     #[error("invalid endpoint {uri}: {source}")]
     Endpoint { uri: String, source: tonic::transport::Error },
@@ -238,12 +245,13 @@ pub fn reloading_server_config(
 pub fn reloading_client_config(
     ca: PathBuf,
     identity: Option<Identity>,
+    check: ServerCheck,
 ) -> Result<Arc<Reloading<ClientConfig>>, TlsError> {
     let mut paths = vec![ca.clone()];
     if let Some(identity) = &identity {
         paths.extend([identity.cert_chain.clone(), identity.private_key.clone()]);
     }
-    Reloading::new(paths, move || client_config(&ca, identity.as_ref()))
+    Reloading::new(paths, move || client_config(&ca, identity.as_ref(), check))
 }
 
 /// A TLS connection accepted by [`serve_incoming`], usable by tonic.
@@ -347,18 +355,31 @@ pub fn serve_incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// What a client checks of the server certificate beyond its chain to the roots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServerCheck {
+    /// A SAN equal to the name dialled (rustls's default; never the subject CN).
+    #[default]
+    Name,
+    /// Nothing more: any certificate the roots vouch for, whatever it names. Istio's workload
+    /// certificates carry a SPIFFE URI, not a DNS name; this is what Envoy's upstream TLS does
+    /// without subject-alt-name matchers, as the Wasm filter's cluster to the aggregator.
+    ChainOnly,
+}
+
 /// A client config that trusts `ca`, offers HTTP/2 and, with `identity`, presents a client
 /// certificate (as filters do towards the aggregator).
 ///
 /// # Errors
 /// As [`load_roots`], or when the identity's files are unusable.
-pub fn client_config(ca: &Path, identity: Option<&Identity>) -> Result<ClientConfig, TlsError> {
+pub fn client_config(ca: &Path, identity: Option<&Identity>, check: ServerCheck) -> Result<ClientConfig, TlsError> {
     let roots = load_roots(ca)?;
     let Some(identity) = identity else {
-        return build_client_config(roots, None).map_err(|source| TlsError::BadCa { path: ca.to_owned(), source });
+        return build_client_config(roots, None, check)
+            .map_err(|source| TlsError::BadCa { path: ca.to_owned(), source });
     };
     let material = (load_certificates(&identity.cert_chain)?, load_key(&identity.private_key)?);
-    build_client_config(roots, Some(material)).map_err(|source| TlsError::KeyMismatch {
+    build_client_config(roots, Some(material), check).map_err(|source| TlsError::KeyMismatch {
         cert: identity.cert_chain.clone(),
         key: identity.private_key.clone(),
         source,
@@ -372,7 +393,13 @@ pub fn client_config(ca: &Path, identity: Option<&Identity>) -> Result<ClientCon
 /// # Errors
 /// [`TlsError::Pushed`] for malformed or empty PEM, an unusable CA, or a key that does not fit
 /// the chain.
-pub fn client_config_from_pem(what: &str, roots: &[u8], chain: &[u8], key: &[u8]) -> Result<ClientConfig, TlsError> {
+pub fn client_config_from_pem(
+    what: &str,
+    roots: &[u8],
+    chain: &[u8],
+    key: &[u8],
+    check: ServerCheck,
+) -> Result<ClientConfig, TlsError> {
     let fail = |reason: String| TlsError::Pushed { what: what.to_owned(), reason };
     let certificates = |pem: &[u8], which: &str| {
         let certs = CertificateDer::pem_slice_iter(pem)
@@ -389,23 +416,76 @@ pub fn client_config_from_pem(what: &str, roots: &[u8], chain: &[u8], key: &[u8]
     }
     let chain = certificates(chain, "certificate chain")?;
     let key = PrivateKeyDer::from_pem_slice(key).map_err(|err| fail(format!("its private key: {err}")))?;
-    build_client_config(store, Some((chain, key)))
+    build_client_config(store, Some((chain, key)), check)
         .map_err(|err| fail(format!("the certificate chain does not fit the private key: {err}")))
 }
 
 fn build_client_config(
     roots: RootCertStore,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    check: ServerCheck,
 ) -> Result<ClientConfig, rustls::Error> {
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
+    let builder = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match check {
+        ServerCheck::Name => builder.with_root_certificates(roots),
+        ServerCheck::ChainOnly => {
+            let chain = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|err| rustls::Error::General(err.to_string()))?;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(ChainOnly(chain)))
+        }
+    };
     let mut config = match identity {
         Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
+}
+
+/// [`ServerCheck::ChainOnly`]: webpki's verification, whose name check comes last, with a
+/// certificate that only fails that check accepted.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            verified => verified,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        signature: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, signature)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        signature: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, signature)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// Where a client connection takes its TLS config from, anew for each connection.
@@ -450,7 +530,7 @@ impl ClientTls {
 /// back to the subject CN).
 ///
 /// # Errors
-/// When `host` is not a DNS name.
+/// When `host` is not a DNS name or an IP address.
 pub fn connect_lazy(
     host: &str,
     port: u16,
@@ -465,7 +545,7 @@ pub fn connect_lazy(
 /// IP and checks its DNS name).
 ///
 /// # Errors
-/// When `server_name` is not a DNS name.
+/// When `server_name` is not a DNS name or an IP address.
 pub fn connect_lazy_as(
     host: &str,
     port: u16,
@@ -475,7 +555,7 @@ pub fn connect_lazy_as(
 ) -> Result<Channel, TlsError> {
     let config = config.into();
     let server_name = match ServerName::try_from(server_name.to_owned()) {
-        Ok(name @ ServerName::DnsName(_)) => name,
+        Ok(name @ (ServerName::DnsName(_) | ServerName::IpAddress(_))) => name,
         _ => return Err(TlsError::NotADnsName { host: server_name.to_owned() }),
     };
     // The URI only names the authority; TLS is ours, so tonic sees plain `http`.
@@ -506,7 +586,44 @@ pub fn connect_lazy_as(
 
 #[cfg(test)]
 mod tests {
-    use rustls::CipherSuite;
+    use std::sync::Arc;
+
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
+    use rustls::{client::danger::ServerCertVerifier, client::WebPkiServerVerifier, CipherSuite, RootCertStore};
+    use rustls_pki_types::{ServerName, UnixTime};
+
+    use super::ChainOnly;
+
+    #[test]
+    fn chain_only_takes_any_name_its_roots_vouch_for_and_nothing_else() {
+        let ca = || {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            (cert, Issuer::new(params, key))
+        };
+        // An Istio workload certificate: a SPIFFE identity, no DNS name.
+        let workload = |issuer: &Issuer<'static, KeyPair>| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            let spiffe = "spiffe://cluster.local/ns/istio-system/sa/packet-inspector".try_into().unwrap();
+            params.subject_alt_names = vec![SanType::URI(spiffe)];
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            params.signed_by(&KeyPair::generate().unwrap(), issuer).unwrap()
+        };
+        let ((mesh_root, mesh), (_, other)) = (ca(), ca());
+        let mut roots = RootCertStore::empty();
+        roots.add(mesh_root.der().clone()).unwrap();
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), super::provider()).build().unwrap();
+        let chain_only = ChainOnly(webpki.clone());
+        let name = ServerName::try_from("packet-inspector-1-aggregator.istio-system.svc").unwrap();
+        let ours = workload(&mesh);
+        assert!(webpki.verify_server_cert(ours.der(), &[], &name, &[], UnixTime::now()).is_err(), "no DNS name");
+        assert!(chain_only.verify_server_cert(ours.der(), &[], &name, &[], UnixTime::now()).is_ok());
+        let theirs = workload(&other);
+        let refused = chain_only.verify_server_cert(theirs.der(), &[], &name, &[], UnixTime::now());
+        assert!(refused.is_err(), "another CA's certificate: {refused:?}");
+    }
 
     #[test]
     fn aes_128_gcm_is_offered_first_and_nothing_is_lost() {

@@ -227,6 +227,11 @@ def test_native_http_capture_needs_no_wasm():
         assert config["podLabelsFile"] == "/etc/istio/pod/labels"
     clusters = next(o for o in objects if o["metadata"]["name"] == "capture-clusters")
     assert [p["patch"]["value"]["name"] for p in clusters["spec"]["configPatches"]] == ["packet_inspector_native_module_capture"]
+    # Without identities to check for, any certificate of the mesh CA (as the Wasm filter's cluster).
+    _, objects = render(chart, "capture", "bookinfo", {**values, "aggregator": {}})
+    http = next(o for o in objects if o["metadata"]["name"] == "capture-http")
+    config = json.loads(http["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["filter_config"]["value"])
+    assert config["aggregator"]["serverName"] == ""
     _, objects = render(chart, "capture", "bookinfo", {**values, "module": {"sha256": SHA}, "diameterCapture": {"enabled": True}})
     clusters = next(o for o in objects if o["metadata"]["name"] == "capture-clusters")
     assert [p["patch"]["value"]["name"] for p in clusters["spec"]["configPatches"]] == [

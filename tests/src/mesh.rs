@@ -477,7 +477,12 @@ impl Mesh {
             "module": {"url": format!("http://127.0.0.1:{}/filter.wasm", self.aggregator_admin_port), "sha256": sha256},
             "flushIntervalMs": 50,
         });
+        // The identities the test gives, if any (an empty list: any certificate of the mesh CA).
+        let given_names = values.pointer("/aggregator/subjectAltNames").cloned();
         merge(&mut values, run);
+        if let Some(names) = given_names {
+            merge(&mut values, serde_json::json!({"aggregator": {"subjectAltNames": names}}));
+        }
         if self.chart_is_native() {
             let native = std::fs::read(tools::native_capture()?)?;
             let sha256: String = ring::digest::digest(&ring::digest::SHA256, &native)

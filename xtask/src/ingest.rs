@@ -207,7 +207,7 @@ async fn ingest_once(
     aggregator: u32,
 ) -> Result<IngestRun> {
     let identity = tls::Identity { cert_chain: certs.join("cert-chain.pem"), private_key: certs.join("key.pem") };
-    let config = tls::reloading_client_config(certs.join("root-cert.pem"), Some(identity))?;
+    let config = tls::reloading_client_config(certs.join("root-cert.pem"), Some(identity), tls::ServerCheck::Name)?;
     let channel = tls::connect_lazy("localhost", port, config, Duration::from_secs(5))?;
     let template = batch(body_bytes);
     let frames_per_batch = template.frames.len() as u64;

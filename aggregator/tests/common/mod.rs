@@ -157,7 +157,8 @@ pub async fn send_batch(
     client: Option<&tls::Identity>,
     batch: FrameBatch,
 ) -> Result<u64, String> {
-    let config = tls::reloading_client_config(ca.to_owned(), client.cloned()).map_err(|e| e.to_string())?;
+    let config = tls::reloading_client_config(ca.to_owned(), client.cloned(), tls::ServerCheck::Name)
+        .map_err(|e| e.to_string())?;
     let channel = tls::connect_lazy("localhost", port, config, Duration::from_secs(5)).map_err(|e| e.to_string())?;
     let mut client = CaptureServiceClient::new(channel);
     let call = async {

@@ -75,7 +75,8 @@ Istio's node agent (SDS): (dict "root" $ "role" "auto").
 {{- define "filter.nativeConfig" -}}
 {{- $root := .root -}}
 {{- $values := $root.Values -}}
-{{- $serverName := default $values.aggregator.host (first $values.aggregator.subjectAltNames) -}}
+{{- /* The first identity to check for; none: any certificate of the mesh CA, as the Wasm filter's cluster. */ -}}
+{{- $serverName := (first $values.aggregator.subjectAltNames) | default "" -}}
 {{- $aggregator := dict "address" (printf "%s:%d" $values.aggregator.host (int $values.aggregator.port)) "serverName" $serverName "sdsSocket" $values.nativeModule.sdsSocket -}}
 {{- /* Istio's injection mounts the pod's labels here (downward API). */ -}}
 {{- $config := dict "aggregator" $aggregator "podLabelsFile" "/etc/istio/pod/labels" "flushIntervalMs" (int $values.flushIntervalMs) "role" .role "maxBodyBytes" (int $values.httpCapture.maxBodyBytes) "labels" $values.httpCapture.labels "gateway" $values.gateway.enabled -}}
