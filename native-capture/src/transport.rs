@@ -4,9 +4,10 @@
 //! A dynamic module has no per-worker gRPC streams, so this thread runs a small Tokio runtime
 //! with one `CaptureService/StreamFrames` stream per Envoy worker, on one TLS connection
 //! (`proto::tls`, the same client the aggregator uses upstream, with the certificate the
-//! sidecar's secret service pushes, or files reloaded when they change). It carries out the workers' [`Command`]s in order, delivers each
-//! stream's readiness, acks and close to its worker's pipeline, and runs the pipelines' flush
-//! tick, so batches go out every `flushIntervalMs` even when traffic stops.
+//! sidecar's secret service pushes, or files reloaded when they change). It carries out the
+//! workers' [`Command`]s in order, delivers each stream's readiness, acks and close to its
+//! worker's pipeline, and runs the pipelines' flush tick, so batches go out every
+//! `flushIntervalMs` even when traffic stops.
 //!
 //! Batches arrive encoded (the pipeline encodes each frame once, into its batch); the stream's
 //! codec writes them as they are. On shutdown every pipeline is flushed, the streams are ended
@@ -47,8 +48,8 @@ const RELOAD_INTERVAL: Duration = Duration::from_secs(30);
 /// connection waits up to [`CONNECT_TIMEOUT`] for the first certificate.
 ///
 /// # Errors
-/// When the certificate files cannot be loaded or the server name is not a DNS name, with the
-/// file or name at fault.
+/// When the certificate files cannot be loaded or the server name is neither a DNS name nor an
+/// IP address, with the file or name at fault.
 pub fn channel(
     aggregator: &Aggregator,
     core: &Arc<Core>,
