@@ -15,7 +15,7 @@
 //!    with `h2load`. Envoy CPU per request comes from `/proc/<pid>/stat`. P1 and P2 compare the
 //!    open-loop HTTP/1.1 runs: the same offered load, so the same batching and wake-up
 //!    conditions for every variant.
-//! 2. Overload (see `overload.rs`): the analysis service paced to a twelfth of what the capture
+//! 2. Overload (see `overload.rs`): the analysis service paced to a sixteenth of what the capture
 //!    proxy takes, then stopped (SIGSTOP) for a minute, under as much load as that proxy takes.
 //! 3. Capture latency: sequential requests through the capture sidecar; the time from the end of
 //!    each response to its file appearing at the emulator.
