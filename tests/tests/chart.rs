@@ -23,18 +23,23 @@ fn the_filter_charts_envoyfilters_capture_in_real_envoy() {
     assert_eq!(response.status, 200);
     for role in ["consumer", "producer"] {
         let files = mesh.wait_for_capture(role, "chart-1").unwrap();
-        // HTTP on the server port, found in the file as the README says (see tests/http1.rs).
-        let rule = tshark::decode_rule(&files.pcap, "http").unwrap();
-        let fields = ["http.request.method", "http.request.uri", "http.response.code"];
-        let rows = tshark::fields_decoded(&files.pcap, &rule, "http", &fields).unwrap();
-        assert_eq!(rows[0][..2], ["GET", "/chart"], "{role}");
-        assert_eq!(rows[1][2], "200", "{role}");
+        a_get_decodes(&files, "/chart", role);
     }
 
     let answers = mesh.run_diameter_client(1).unwrap();
     assert_eq!(answers.len(), 1);
     diameter_is_captured_on_both_sides(&mesh);
     mesh.shutdown().unwrap();
+}
+
+/// A captured `GET uri` answered 200 decodes as HTTP on the server port, found in the file as the
+/// README says (see tests/http1.rs).
+fn a_get_decodes(files: &mesh::CaptureFiles, uri: &str, role: &str) {
+    let rule = tshark::decode_rule(&files.pcap, "http").unwrap();
+    let fields = ["http.request.method", "http.request.uri", "http.response.code"];
+    let rows = tshark::fields_decoded(&files.pcap, &rule, "http", &fields).unwrap();
+    assert_eq!(rows[0][..2], ["GET", uri], "{role}");
+    assert_eq!(rows[1][2], "200", "{role}");
 }
 
 /// The Diameter exchanges of one client run, captured in both pods and decoded without problems.
@@ -79,11 +84,7 @@ fn the_filter_charts_native_capture_runs_in_real_envoy() {
         [("consumer", mesh::CLIENT_POD, mesh::CLIENT_WORKLOAD), ("producer", mesh::SERVER_POD, mesh::SERVER_WORKLOAD)]
     {
         let files = mesh.wait_for_capture(role, "chart-native-1").unwrap();
-        let rule = tshark::decode_rule(&files.pcap, "http").unwrap();
-        let fields = ["http.request.method", "http.request.uri", "http.response.code"];
-        let rows = tshark::fields_decoded(&files.pcap, &rule, "http", &fields).unwrap();
-        assert_eq!(rows[0][..2], ["GET", "/native"], "{role}");
-        assert_eq!(rows[1][2], "200", "{role}");
+        a_get_decodes(&files, "/native", role);
         let document = files.document().unwrap();
         let metadata = document.get_document("metadata").unwrap();
         assert_eq!(metadata.get_str("podName").unwrap(), pod, "{role}");
