@@ -50,6 +50,13 @@ enum Task {
         /// Seconds per load run.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// A proxy round in which the host took more than this share (%) of a core away (steal
+        /// time, `/proc/stat`) is run again: on a shared VM, such rounds measure the host.
+        #[arg(long, default_value_t = 2.0)]
+        steal_limit: f64,
+        /// How many times a round over `--steal-limit` is run again (the least stolen counts).
+        #[arg(long, default_value_t = 2)]
+        steal_retries: usize,
         /// Client connections (wrk and h2load).
         #[arg(long, default_value_t = 50)]
         connections: u32,
@@ -178,6 +185,8 @@ fn main() -> Result<()> {
         Task::Bench {
             rounds,
             seconds,
+            steal_limit,
+            steal_retries,
             connections,
             parts,
             mut variants,
@@ -254,6 +263,8 @@ fn main() -> Result<()> {
             bench::run(&bench::Options {
                 rounds,
                 seconds,
+                steal_limit_percent: steal_limit,
+                steal_retries,
                 connections,
                 parts,
                 variants,
