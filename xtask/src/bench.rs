@@ -8,7 +8,7 @@
 //!    the host calls any capture must make: header maps, bodies, time), the native read floor
 //!    (the same reads and the two per-request properties through Envoy's dynamic-module ABI, no
 //!    VM: `native-floor/`), the capture filter (aggregator running), and Envoy's own tap filter
-//!    writing every exchange to a file. Load comes from
+//!    writing every exchange to a file, keeping as much of each body as capture does. Load comes from
 //!    core 1, in interleaved rounds (A B C D A B C D ...), three ways: `wrk` closed loop (as fast
 //!    as each variant goes: its capacity), then at a fixed rate, the same for every variant
 //!    (half the slowest variant's capacity): HTTP/1.1 open loop (`openloop.rs`) and HTTP/2 (h2c)
@@ -1082,6 +1082,11 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
     {
         wanted.push("capture");
     }
+    // The tap keeps as much of each body as capture does: by default it keeps 1 KiB and marks
+    // the rest truncated, which at 64 KiB compared capture's whole bodies with the tap's first KiB.
+    let body_bytes = packet_inspector_filter::config::Config::from_json(CAPTURE_CONFIGURATION.as_bytes())
+        .map_err(|err| anyhow::anyhow!("capture's configuration: {err}"))?
+        .max_body_bytes;
     for variant in wanted {
         let filters = match variant {
             "none" => String::new(),
@@ -1111,6 +1116,8 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
                 static_config:
                   match: {{ any_match: true }}
                   output_config:
+                    max_buffered_rx_bytes: {body_bytes}
+                    max_buffered_tx_bytes: {body_bytes}
                     sinks:
                     - format: JSON_BODY_AS_BYTES
                       file_per_tap: {{ path_prefix: {}/{variant} }}"#,
