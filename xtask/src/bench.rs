@@ -159,7 +159,7 @@ pub fn cpu_ticks(pid: u32) -> Result<u64> {
 }
 
 /// Steal time (in clock ticks) of cores 0 and 1 so far, from `/proc/stat`.
-pub fn steal_ticks() -> Result<[u64; 2]> {
+fn steal_ticks() -> Result<[u64; 2]> {
     steal_of(&std::fs::read_to_string("/proc/stat")?)
 }
 
