@@ -44,11 +44,12 @@ enum Task {
     /// Measure what capture costs (not a test): proxy CPU and latency against a no-op Wasm
     /// filter and Envoy's tap, aggregator ingest, capture latency. Writes target/bench/.
     Bench {
-        /// Interleaved rounds per variant.
-        #[arg(long, default_value_t = 3)]
+        /// Interleaved rounds per variant (even: paired variants swap places every other round).
+        #[arg(long, default_value_t = 16)]
         rounds: usize,
-        /// Seconds per load run.
-        #[arg(long, default_value_t = 10)]
+        /// Seconds per proxy load run (short runs, many rounds: a stall of the machine spoils
+        /// one run of one variant, not a third of its figures). The ingest part runs at least 10.
+        #[arg(long, default_value_t = 2)]
         seconds: u64,
         /// A proxy round in which the host took more than this share (%) of a core away (steal
         /// time, `/proc/stat`) is run again: on a shared VM, such rounds measure the host.
@@ -63,9 +64,14 @@ enum Task {
         /// Parts to run: filter, proxy, overload, latency, ingest.
         #[arg(long, value_delimiter = ',', default_value = "filter,proxy,overload,latency,ingest")]
         parts: Vec<String>,
-        /// Proxy variants to load: none, noop, floor, native-floor, native-capture, capture, tap (and
+        /// Proxy variants to load: none, noop, floor, native-floor, native-capture, capture,
+        /// noop-twin (a second no-op Envoy: the A/A behind each ratio's resolution), tap (and
         /// candidate, with `--candidate`).
-        #[arg(long, value_delimiter = ',', default_value = "none,noop,floor,native-floor,native-capture,capture,tap")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "none,noop,floor,native-floor,native-capture,capture,noop-twin,tap"
+        )]
         variants: Vec<String>,
         /// Response body sizes: 1KiB, 64KiB.
         #[arg(long, value_delimiter = ',', default_value = "1KiB,64KiB")]
