@@ -8,10 +8,9 @@
 //!    the host calls any capture must make: header maps, bodies, time), the native read floor
 //!    (the same reads and the two per-request properties through Envoy's dynamic-module ABI, no
 //!    VM: `native-floor/`), the capture filter and the native capture (aggregator running),
-//!    Envoy's own tap filter
-//!    writing every exchange to a file, keeping as much of each body as capture does; and a
-//!    second Envoy with the no-op module (`noop-twin`), whose ratios to the first are an A/A: how
-//!    far apart this run measures two identical proxies. Load comes from
+//!    Envoy's own tap filter writing every exchange to a file, keeping as much of each body as
+//!    capture does; and a second Envoy with the no-op module (`noop-twin`), whose ratios to the
+//!    first are an A/A: how far apart this run measures two identical proxies. Load comes from
 //!    core 1, in interleaved rounds (A B C D A B C D ...), three ways: `wrk` closed loop (as fast
 //!    as each variant goes: its capacity), then at a fixed rate, the same for every variant
 //!    (half the slowest variant's capacity): HTTP/1.1 open loop (`openloop.rs`) and HTTP/2 (h2c)
