@@ -58,7 +58,7 @@ pub struct Options {
     /// How long the overload part stops the analysis service.
     pub stall_seconds: u64,
     /// The module of the `candidate` variant: another build of the capture filter (by default,
-    /// the capture module).
+    /// the capture module), Wasm or, ending in `.so`, the native capture.
     pub candidate: Option<PathBuf>,
     /// The `candidate` variant's plugin configuration (by default, capture's).
     pub candidate_configuration: Option<String>,
@@ -67,6 +67,21 @@ pub struct Options {
 impl Options {
     fn runs(&self, part: &str) -> bool {
         self.parts.iter().any(|p| p == part)
+    }
+
+    /// Whether the candidate is a build of the native capture (a shared library) rather than
+    /// of the Wasm filter.
+    fn native_candidate(&self) -> bool {
+        self.candidate.as_deref().is_some_and(|path| path.extension().is_some_and(|ext| ext == "so"))
+    }
+
+    /// The variant the candidate is a build of, compared with it and swapping places with it.
+    fn candidate_peer(&self) -> &'static str {
+        if self.native_candidate() {
+            "native-capture"
+        } else {
+            "capture"
+        }
     }
 }
 
@@ -514,6 +529,9 @@ pub fn run(options: &Options) -> Result<()> {
     }
     match (&options.candidate, &options.candidate_configuration) {
         (Some(module), _) if !module.is_file() => bail!("--candidate {}: no such file", module.display()),
+        (Some(_), Some(_)) if options.native_candidate() => {
+            bail!("--candidate-config configures a Wasm candidate; a native candidate runs with the native capture's settings")
+        }
         (_, Some(configuration)) if serde_json::from_str::<serde_json::Value>(configuration).is_err() => {
             bail!("--candidate-config is not JSON: {configuration}")
         }
@@ -772,6 +790,20 @@ pub fn run(options: &Options) -> Result<()> {
         }
         println!("(medians over the reference's medians, same size and load)");
         // Where capture's CPU goes: the ABI's unavoidable reads, and the filter's own work.
+        for ((size, load, variant), peer) in &medians {
+            if variant != options.candidate_peer() {
+                continue;
+            }
+            if let Some(candidate) = medians.get(&(size.clone(), *load, "candidate".to_owned())) {
+                println!(
+                    "{size} {}: candidate / {variant}: CPU µs/request {:.3} ({:+.1}), p99 {:.3}",
+                    load.name(),
+                    candidate.cpu_us / peer.cpu_us,
+                    candidate.cpu_us - peer.cpu_us,
+                    candidate.p99_us / peer.p99_us
+                );
+            }
+        }
         for ((size, load, variant), capture) in &medians {
             if variant != "capture" {
                 continue;
@@ -784,15 +816,6 @@ pub fn run(options: &Options) -> Result<()> {
                     floor - noop,
                     capture.cpu_us - noop,
                     capture.cpu_us - floor
-                );
-            }
-            if let Some(candidate) = medians.get(&(size.clone(), *load, "candidate".to_owned())) {
-                println!(
-                    "{size} {}: candidate / capture: CPU µs/request {:.3} ({:+.1}), p99 {:.3}",
-                    load.name(),
-                    candidate.cpu_us / capture.cpu_us,
-                    candidate.cpu_us - capture.cpu_us,
-                    candidate.p99_us / capture.p99_us
                 );
             }
             // What the same reads cost without the VM: the native read floor against the Wasm
@@ -994,7 +1017,7 @@ const CAPTURE_CONFIGURATION: &str =
 
 /// The native capture's filter, configured as [`CAPTURE_CONFIGURATION`] configures the Wasm one,
 /// with its certificate from a secret service as the filter chart deploys it.
-fn native_capture_filter(release: &Path, sds_socket: &Path, aggregator_port: u16) -> String {
+fn native_capture_filter(library: &Path, sds_socket: &Path, aggregator_port: u16) -> String {
     let settings = json!({
         "aggregator": {
             "address": format!("127.0.0.1:{aggregator_port}"),
@@ -1012,7 +1035,7 @@ fn native_capture_filter(release: &Path, sds_socket: &Path, aggregator_port: u16
               dynamic_module_config: {{ module: {{ local: {{ filename: {} }} }}, do_not_close: true }}
               filter_name: packet_inspector
               filter_config: {{ "@type": type.googleapis.com/google.protobuf.StringValue, value: {} }}"#,
-        release.join("libpacket_inspector_native_capture.so").display(),
+        library.display(),
         serde_json::Value::String(settings.to_string())
     )
 }
@@ -1024,6 +1047,7 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
     let capture_module = tools::wasm()?;
     let noop_module = target_dir().join("noop/wasm32-wasip1/release/packet_inspector_filter.wasm");
     let floor_module = target_dir().join("read-floor/wasm32-wasip1/release/packet_inspector_filter.wasm");
+    let native_capture = release.join("libpacket_inspector_native_capture.so");
     for module in [&noop_module, &floor_module] {
         if !module.is_file() {
             bail!("{} is missing (cargo xtask bench builds it)", module.display());
@@ -1110,7 +1134,12 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
                 release.join("libpacket_inspector_native_floor.so").display()
             ),
             "capture" => wasm_filter(&capture_module, CAPTURE_CONFIGURATION),
-            "native-capture" => native_capture_filter(&release, &secrets.socket, aggregator_port),
+            "native-capture" => native_capture_filter(&native_capture, &secrets.socket, aggregator_port),
+            "candidate" if options.native_candidate() => native_capture_filter(
+                options.candidate.as_deref().unwrap_or(&native_capture),
+                &secrets.socket,
+                aggregator_port,
+            ),
             "candidate" => wasm_filter(
                 options.candidate.as_deref().unwrap_or(&capture_module),
                 options.candidate_configuration.as_deref().unwrap_or(CAPTURE_CONFIGURATION),
@@ -1175,6 +1204,7 @@ fn start(dir: &Path, options: &Options) -> Result<Setup> {
             "capture" => Some("streams_ready: 2"),
             // Another build of capture, or of anything else (the no-op module, for an A/A of the
             // method): a module that defines no such counter opens no stream to wait for.
+            "candidate" if options.native_candidate() => Some("streams_ready: 1\n"),
             "candidate" => admin_get(admin, "/stats?filter=streams_ready")
                 .is_ok_and(|s| s.contains("streams_ready"))
                 .then_some("streams_ready: 2"),
@@ -1269,13 +1299,13 @@ fn h2load(dir: &Path, port: u16, connections: u32, rate: f64, seconds: u64) -> R
 }
 
 /// The order the variants run in, in one round. The variants compared as pairs swap places
-/// every other round (`capture` and `candidate`, `noop` and `noop-twin`): in a run where the
+/// every other round (`candidate` and the variant it is a build of, `noop` and `noop-twin`): in a run where the
 /// same module was loaded as both capture and candidate (an A/A), the second of the two cost
 /// 1.1-2.6 µs more per request (median of five paired rounds, by load), which would be taken
 /// for the change being measured. Over an even number of rounds the bias cancels.
-fn round_order<'a>(variants: &[&'a str], round: usize) -> Vec<&'a str> {
+fn round_order<'a>(variants: &[&'a str], round: usize, candidate_peer: &str) -> Vec<&'a str> {
     let mut order = variants.to_vec();
-    for (a, b) in [("capture", "candidate"), ("noop", "noop-twin")] {
+    for (a, b) in [(candidate_peer, "candidate"), ("noop", "noop-twin")] {
         let at = |name: &str| order.iter().position(|v| *v == name);
         if let (Some(a), Some(b), true) = (at(a), at(b), round % 2 == 1) {
             order.swap(a, b);
@@ -1332,7 +1362,9 @@ fn proxy(
             // host took too much from: later, so as not to land in the same busy spell.
             let mut slots: Vec<(usize, &str, Vec<Measured>)> = (0..options.rounds)
                 .flat_map(|round| {
-                    round_order(&variants, round).into_iter().map(move |variant| (round, variant, Vec::new()))
+                    round_order(&variants, round, options.candidate_peer())
+                        .into_iter()
+                        .map(move |variant| (round, variant, Vec::new()))
                 })
                 .collect();
             for pass in 0..=options.steal_retries {
@@ -1501,10 +1533,19 @@ mod tests {
     #[test]
     fn paired_variants_swap_places_every_other_round() {
         let all = ["none", "noop", "floor", "capture", "candidate", "noop-twin", "tap"];
-        assert_eq!(round_order(&all, 0), all);
-        assert_eq!(round_order(&all, 1), ["none", "noop-twin", "floor", "candidate", "capture", "noop", "tap"]);
-        assert_eq!(round_order(&all, 2), all);
+        assert_eq!(round_order(&all, 0, "capture"), all);
+        assert_eq!(
+            round_order(&all, 1, "capture"),
+            ["none", "noop-twin", "floor", "candidate", "capture", "noop", "tap"]
+        );
+        assert_eq!(round_order(&all, 2, "capture"), all);
         let without = ["noop", "capture", "tap"];
-        assert_eq!(round_order(&without, 1), without, "nothing to swap without a candidate");
+        assert_eq!(round_order(&without, 1, "capture"), without, "nothing to swap without a candidate");
+        let native = ["noop", "native-capture", "capture", "candidate"];
+        assert_eq!(
+            round_order(&native, 1, "native-capture"),
+            ["noop", "candidate", "capture", "native-capture"],
+            "a native candidate swaps with the native capture"
+        );
     }
 }

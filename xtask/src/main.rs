@@ -81,7 +81,8 @@ enum Task {
         stall_seconds: u64,
         /// Another build of the capture module (e.g. from another commit), loaded as the proxy
         /// variant `candidate` with capture's configuration and interleaved with the others: an
-        /// A/B of a change on the same machine, in the same minutes.
+        /// A/B of a change on the same machine, in the same minutes. A `.so` is a build of the
+        /// native capture, compared with `native-capture` instead.
         #[arg(long)]
         candidate: Option<std::path::PathBuf>,
         /// The `candidate` variant's plugin configuration (JSON) instead of capture's: an A/B of
