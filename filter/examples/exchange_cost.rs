@@ -54,9 +54,9 @@ impl Host for CountingHost {
     fn open_stream(&mut self, _cluster: &str) -> Result<u32, String> {
         Ok(1)
     }
-    fn send(&mut self, _token: u32, message: &[u8]) -> Result<(), String> {
+    fn send(&mut self, _token: u32, batch: &mut Vec<u8>) -> Result<(), String> {
         self.batches += 1;
-        self.bytes += message.len() as u64;
+        self.bytes += batch.len() as u64;
         Ok(())
     }
     fn cancel(&mut self, _token: u32) {}

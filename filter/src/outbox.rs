@@ -120,10 +120,11 @@ impl Outbox {
         Some((sequence, batch))
     }
 
-    /// Hands back a sent batch's buffer for reuse.
+    /// Hands back a sent batch's buffer for reuse (an empty one, when the host took the batch's,
+    /// is let go).
     pub fn recycle(&mut self, mut buffer: Vec<u8>) {
         // Only batch-sized buffers; an oversized single frame's is let go.
-        if buffer.capacity() <= self.max_batch_bytes + TRAILER_BYTES {
+        if buffer.capacity() > 0 && buffer.capacity() <= self.max_batch_bytes + TRAILER_BYTES {
             buffer.clear();
             self.spare = Some(buffer);
         }

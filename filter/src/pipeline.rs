@@ -108,7 +108,9 @@ pub trait Host {
     fn now_ns(&self) -> u64;
     /// Opens the bidirectional stream; returns its token.
     fn open_stream(&mut self, cluster: &str) -> Result<u32, String>;
-    fn send(&mut self, token: u32, message: &[u8]) -> Result<(), String>;
+    /// Sends one encoded `FrameBatch`. A host that sends the bytes as they are takes the buffer
+    /// (`std::mem::take`); one that copies them out leaves it, and the outbox fills it again.
+    fn send(&mut self, token: u32, batch: &mut Vec<u8>) -> Result<(), String>;
     fn cancel(&mut self, token: u32);
     /// Adds to a counter (the module publishes them in bulk: [`PendingCounts`]).
     fn count(&mut self, counter: Counter, delta: u64);
@@ -307,8 +309,8 @@ impl Pipeline {
     /// Sends batches while the stream is ready and the ack window allows.
     pub fn flush<H: Host>(&mut self, host: &mut H) {
         let Stream::Ready { token } = self.stream else { return };
-        while let Some((_, encoded)) = self.outbox.next_batch(self.unreported_drops) {
-            let sent = host.send(token, &encoded);
+        while let Some((_, mut encoded)) = self.outbox.next_batch(self.unreported_drops) {
+            let sent = host.send(token, &mut encoded);
             self.outbox.recycle(encoded);
             if let Err(err) = sent {
                 self.warn(host, &format!("sending to the aggregator failed: {err}"));
@@ -374,6 +376,8 @@ mod tests {
         counters: HashMap<&'static str, u64>,
         warnings: Vec<String>,
         refuse_open: bool,
+        /// Takes each batch's buffer, as the native capture's host does.
+        takes_batches: bool,
     }
 
     impl Host for MockHost {
@@ -387,8 +391,11 @@ mod tests {
             self.next_token += 1;
             Ok(self.next_token)
         }
-        fn send(&mut self, token: u32, message: &[u8]) -> Result<(), String> {
-            self.sent.push((token, FrameBatch::decode(message).unwrap()));
+        fn send(&mut self, token: u32, batch: &mut Vec<u8>) -> Result<(), String> {
+            self.sent.push((token, FrameBatch::decode(batch.as_slice()).unwrap()));
+            if self.takes_batches {
+                drop(std::mem::take(batch));
+            }
             Ok(())
         }
         fn cancel(&mut self, token: u32) {
@@ -451,6 +458,30 @@ mod tests {
         assert_eq!(host.sent[0].1.frames.len(), 2);
         pipeline.on_stream_message(&mut host, 1, &BatchAck { sequence: 1 }.encode_to_vec());
         assert_eq!(host.counter(Counter::BatchesAcked), 1);
+    }
+
+    #[test]
+    fn a_host_that_takes_the_batches_gets_the_same_batches_as_one_that_copies_them() {
+        let sent = |takes_batches| {
+            let mut host = MockHost { takes_batches, ..Default::default() };
+            let mut pipeline = ready_pipeline(&mut host, 1 << 20);
+            for round in 1..=3 {
+                for _ in 0..round {
+                    let id = pipeline.begin(&mut host).unwrap();
+                    pipeline.record(&mut host, Fate::Recording, &start(id));
+                    pipeline.record(&mut host, Fate::Recording, &end(id));
+                }
+                pipeline.on_tick(&mut host);
+            }
+            host.sent
+        };
+        let (taken, copied) = (sent(true), sent(false));
+        assert_eq!(taken.len(), 3);
+        let frames: Vec<usize> = taken.iter().map(|(_, batch)| batch.frames.len()).collect();
+        assert_eq!(frames, [2, 4, 6], "each batch starts empty in its new buffer");
+        let sequences: Vec<u64> = taken.iter().map(|(_, batch)| batch.sequence).collect();
+        assert_eq!(sequences, [1, 2, 3]);
+        assert_eq!(taken, copied);
     }
 
     #[test]

@@ -74,8 +74,9 @@ impl Host for EnvoyHost<'_> {
     fn open_stream(&mut self, cluster: &str) -> Result<u32, String> {
         host::open_grpc_stream(cluster, SERVICE, METHOD).map_err(|status| status.to_string())
     }
-    fn send(&mut self, token: u32, message: &[u8]) -> Result<(), String> {
-        let sent = host::grpc_send(token, message).map_err(|status| status.to_string());
+    /// Envoy copies the batch out of the VM: the buffer stays for the next one.
+    fn send(&mut self, token: u32, batch: &mut Vec<u8>) -> Result<(), String> {
+        let sent = host::grpc_send(token, batch).map_err(|status| status.to_string());
         // The stats keep up with what reaches the aggregator.
         self.counters.publish();
         sent

@@ -13,9 +13,16 @@
 //! codec writes them as they are. On shutdown every pipeline is flushed, the streams are ended
 //! and given [`DRAIN_TIMEOUT`] for their acks.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::{Buf, Bytes};
 use packet_inspector_filter::pipeline::{METHOD, SERVICE};
 use packet_inspector_proto::{sds, tls};
 use tokio::{
@@ -23,13 +30,13 @@ use tokio::{
     task::{AbortHandle, JoinSet},
     time::MissedTickBehavior,
 };
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codec::{DecodeBuf, Decoder, Streaming},
     transport::Channel,
-    Status,
+    Code, Status,
 };
+use tower::{Service, ServiceExt};
 
 use crate::{
     core::{Command, Core},
@@ -137,7 +144,11 @@ fn carry_out(
         // hears of the close.
         Command::Send { token, batch } => {
             if let Some((batches, _)) = streams.get(&token) {
-                let _ = batches.send(batch);
+                // The worker refused to send a batch too large for a gRPC message.
+                if let Ok(len) = u32::try_from(batch.len()) {
+                    let _ = batches.send(message_prefix(len));
+                    let _ = batches.send(batch);
+                }
             }
         }
         Command::Cancel { token } => {
@@ -167,48 +178,65 @@ async fn stream(
 
 async fn exchange(
     core: &Core,
-    channel: Channel,
+    mut channel: Channel,
     token: u32,
     worker: usize,
     batches: UnboundedReceiver<Bytes>,
 ) -> Result<(), Status> {
-    let mut client = tonic::client::Grpc::new(channel);
-    client.ready().await.map_err(|err| Status::unavailable(format!("the aggregator's channel: {err}")))?;
-    let path = http::uri::PathAndQuery::try_from(format!("/{SERVICE}/{METHOD}"))
-        .map_err(|err| Status::internal(err.to_string()))?;
-    let request = tonic::Request::new(UnboundedReceiverStream::new(batches));
-    let mut acks = client.streaming(request, path, Encoded).await?.into_inner();
-    // The aggregator answered with headers and gRPC's content type: the stream is accepted.
-    let accepted: [(&[u8], &[u8]); 1] = [(b":status", b"200")];
-    core.with_pipeline(worker, |pipeline, host| pipeline.on_stream_headers(host, token, &accepted));
+    channel.ready().await.map_err(|err| Status::unavailable(format!("the aggregator's channel: {err}")))?;
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(format!("/{SERVICE}/{METHOD}"))
+        .version(http::Version::HTTP_2)
+        .header(http::header::TE, "trailers")
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .body(tonic::body::Body::new(Batches(batches)))
+        .map_err(|err| Status::internal(format!("the capture stream's request: {err}")))?;
+    let response = channel.call(request).await.map_err(|err| Status::from_error(Box::new(err)))?;
+    let (head, body) = response.into_parts();
+    let status = head.status.as_str().as_bytes();
+    core.with_pipeline(worker, |pipeline, host| pipeline.on_stream_headers(host, token, &[(b":status", status)]));
+    // A trailers-only answer: the aggregator refused the stream (or ended it at once).
+    if let Some(status) = Status::from_header_map(&head.headers) {
+        return if status.code() == Code::Ok { Ok(()) } else { Err(status) };
+    }
+    let mut acks = Streaming::new_response(AckDecoder, body, head.status, None, None);
     while let Some(ack) = acks.message().await? {
         core.with_pipeline(worker, |pipeline, host| pipeline.on_stream_message(host, token, &ack));
     }
     Ok(())
 }
 
-/// The capture stream's codec: batches go out as the pipeline encoded them, acks come in as
-/// bytes for the pipeline to decode (as the Wasm filter hands them over).
-#[derive(Debug, Clone, Copy, Default)]
-struct Encoded;
+/// gRPC's prefix of a message of `len` bytes: not compressed, then the length, big-endian.
+fn message_prefix(len: u32) -> Bytes {
+    let mut prefix = Vec::with_capacity(5);
+    prefix.push(0);
+    prefix.extend_from_slice(&len.to_be_bytes());
+    Bytes::from(prefix)
+}
 
-#[derive(Debug)]
-struct EncodedEncoder;
+/// The capture stream's request body: each batch goes out as it was encoded, behind its gRPC
+/// prefix as a DATA frame of its own (gRPC messages may span frames), so no codec copies it.
+struct Batches(UnboundedReceiver<Bytes>);
 
-#[derive(Debug)]
-struct BytesDecoder;
+impl http_body::Body for Batches {
+    type Data = Bytes;
+    type Error = Infallible;
 
-impl Encoder for EncodedEncoder {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, batch: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(batch);
-        Ok(())
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|bytes| bytes.map(|bytes| Ok(http_body::Frame::data(bytes))))
     }
 }
 
-impl Decoder for BytesDecoder {
+/// The aggregator's acks, as bytes for the pipeline to decode (as the Wasm filter hands them
+/// over).
+#[derive(Debug)]
+struct AckDecoder;
+
+impl Decoder for AckDecoder {
     type Item = Vec<u8>;
     type Error = Status;
 
@@ -216,20 +244,5 @@ impl Decoder for BytesDecoder {
         let mut ack = vec![0; src.remaining()];
         src.copy_to_slice(&mut ack);
         Ok(Some(ack))
-    }
-}
-
-impl Codec for Encoded {
-    type Encode = Bytes;
-    type Decode = Vec<u8>;
-    type Encoder = EncodedEncoder;
-    type Decoder = BytesDecoder;
-
-    fn encoder(&mut self) -> EncodedEncoder {
-        EncodedEncoder
-    }
-
-    fn decoder(&mut self) -> BytesDecoder {
-        BytesDecoder
     }
 }
