@@ -9,9 +9,11 @@
 //! worker's pipeline, and runs the pipelines' flush tick, so batches go out every
 //! `flushIntervalMs` even when traffic stops.
 //!
-//! Batches arrive encoded (the pipeline encodes each frame once, into its batch); the stream's
-//! codec writes them as they are. On shutdown every pipeline is flushed, the streams are ended
-//! and given [`DRAIN_TIMEOUT`] for their acks.
+//! Batches arrive encoded (the pipeline encodes each frame once, into its batch, and hands the
+//! batch's buffer over), and the stream's request body carries them as they are, each behind its
+//! gRPC prefix: no codec copies them (at 64 KiB bodies, copies were most of this thread's time).
+//! On shutdown every pipeline is flushed, the streams are ended and given [`DRAIN_TIMEOUT`] for
+//! their acks.
 
 use std::{
     collections::HashMap,
