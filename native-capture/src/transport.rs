@@ -196,12 +196,13 @@ async fn exchange(
         .map_err(|err| Status::internal(format!("the capture stream's request: {err}")))?;
     let response = channel.call(request).await.map_err(|err| Status::from_error(Box::new(err)))?;
     let (head, body) = response.into_parts();
-    let status = head.status.as_str().as_bytes();
-    core.with_pipeline(worker, |pipeline, host| pipeline.on_stream_headers(host, token, &[(b":status", status)]));
-    // A trailers-only answer: the aggregator refused the stream (or ended it at once).
+    // A trailers-only answer: the aggregator refused the stream (or ended it at once). It is
+    // never taken for readiness (see `stream_accepted`).
     if let Some(status) = Status::from_header_map(&head.headers) {
         return if status.code() == Code::Ok { Ok(()) } else { Err(status) };
     }
+    let status = head.status.as_str().as_bytes();
+    core.with_pipeline(worker, |pipeline, host| pipeline.on_stream_headers(host, token, &[(b":status", status)]));
     let mut acks = Streaming::new_response(AckDecoder, body, head.status, None, None);
     while let Some(ack) = acks.message().await? {
         core.with_pipeline(worker, |pipeline, host| pipeline.on_stream_message(host, token, &ack));
