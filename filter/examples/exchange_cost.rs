@@ -28,7 +28,7 @@ use packet_inspector_filter::{
     metadata, pairs,
     pipeline::{Counter, Fate, Host, Pipeline},
     transaction::HttpTransaction,
-    wire::{SharedMetadata, StartRef},
+    wire::{BodyBytes, SharedMetadata, StartRef},
 };
 use packet_inspector_proto::capture::{BatchAck, Direction, Role, SocketAddress, TransactionMetadata};
 use prost::Message;
@@ -142,7 +142,8 @@ impl Exchange {
         let response = pairs::decode(&self.response_headers).map_err(|err| format!("{err:?}"))?;
         let frame = transaction.headers(now, Direction::Response, &response, false);
         transaction.fate = pipeline.record(host, transaction.fate, &frame);
-        if let Some(frame) = transaction.body(now, Direction::Response, &self.body, self.body.len(), true) {
+        let body = self.body.as_slice();
+        if let Some(frame) = transaction.body(now, Direction::Response, BodyBytes::whole(&body), body.len(), true) {
             transaction.fate = pipeline.record(host, transaction.fate, &frame);
         }
         let end = transaction.end(now, Some(SocketAddress { ip: "127.0.0.1".into(), port: 9080 }));

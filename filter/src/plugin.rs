@@ -25,7 +25,7 @@ use crate::{
     pairs::{self, Pair},
     pipeline::{Counter, Fate, Host, PendingCounts, Pipeline, METHOD, SERVICE},
     transaction::{ExchangeStart, HttpTransaction},
-    wire::{FrameRef, SharedMetadata},
+    wire::{BodyBytes, FrameRef, SharedMetadata},
 };
 
 /// Downstream connections whose facts are kept (see [`ConnectionCache`]).
@@ -344,7 +344,8 @@ impl CaptureHttp {
         let Some(transaction) = Self::live(&mut self.transaction) else { return };
         let budget = transaction.body_budget(direction, size);
         let data = if budget > 0 { host::buffer(buffer, 0, budget).unwrap_or_default() } else { Vec::new() };
-        if let Some(frame) = transaction.body(now_ns(), direction, &data, size, end_of_stream) {
+        let data = data.as_slice();
+        if let Some(frame) = transaction.body(now_ns(), direction, BodyBytes::whole(&data), size, end_of_stream) {
             transaction.fate = self.shared.borrow_mut().record(transaction.fate, &frame);
         }
     }

@@ -9,7 +9,7 @@ use crate::{
     metadata,
     pairs::Pair,
     pipeline::{Fate, Host, Pipeline},
-    wire::{FrameRef, StartRef},
+    wire::{BodyBytes, FrameRef, StartRef},
 };
 
 /// What starting an exchange takes, from the edge that saw its request headers.
@@ -131,7 +131,7 @@ impl HttpTransaction {
         &mut self,
         timestamp_ns: u64,
         direction: Direction,
-        data: &'a [u8],
+        data: BodyBytes<'a>,
         chunk_len: usize,
         end_of_stream: bool,
     ) -> Option<FrameRef<'a>> {
@@ -174,6 +174,19 @@ impl HttpTransaction {
 mod tests {
     use super::*;
 
+    /// Records a body event whose captured bytes are `data`, in one piece; what its frame says,
+    /// when it makes one.
+    fn body(
+        txn: &mut HttpTransaction,
+        timestamp_ns: u64,
+        direction: Direction,
+        data: &[u8],
+        chunk_len: usize,
+        end_of_stream: bool,
+    ) -> Option<(usize, u64, bool)> {
+        txn.body(timestamp_ns, direction, BodyBytes::whole(&data), chunk_len, end_of_stream).map(body_of)
+    }
+
     /// (captured bytes, truncated bytes, end of stream) of a body frame.
     fn body_of(frame: FrameRef<'_>) -> (usize, u64, bool) {
         match frame {
@@ -193,11 +206,11 @@ mod tests {
     fn body_limit_truncates_exactly_and_says_how_much() {
         let mut txn = HttpTransaction::new(7, 10);
         assert_eq!(txn.body_budget(Direction::Request, 6), 6);
-        assert_eq!(body_of(txn.body(1, Direction::Request, &[1; 6], 6, false).unwrap()), (6, 0, false));
+        assert_eq!(body(&mut txn, 1, Direction::Request, &[1; 6], 6, false).unwrap(), (6, 0, false));
         assert_eq!(txn.body_budget(Direction::Request, 8), 4);
-        assert_eq!(body_of(txn.body(2, Direction::Request, &[2; 4], 8, false).unwrap()), (4, 4, false));
+        assert_eq!(body(&mut txn, 2, Direction::Request, &[2; 4], 8, false).unwrap(), (4, 4, false));
         assert_eq!(txn.body_budget(Direction::Request, 100), 0);
-        assert_eq!(body_of(txn.body(3, Direction::Request, &[], 100, true).unwrap()), (0, 100, true));
+        assert_eq!(body(&mut txn, 3, Direction::Request, &[], 100, true).unwrap(), (0, 100, true));
         // The response has a budget of its own.
         assert_eq!(txn.body_budget(Direction::Response, 100), 10);
     }
@@ -205,8 +218,8 @@ mod tests {
     #[test]
     fn empty_intermediate_chunks_are_skipped() {
         let mut txn = HttpTransaction::new(1, 10);
-        assert!(txn.body(1, Direction::Response, &[], 0, false).is_none());
-        assert!(txn.body(1, Direction::Response, &[], 0, true).is_some());
+        assert!(body(&mut txn, 1, Direction::Response, &[], 0, false).is_none());
+        assert!(body(&mut txn, 1, Direction::Response, &[], 0, true).is_some());
     }
 
     #[test]
@@ -214,9 +227,9 @@ mod tests {
         let mut txn = HttpTransaction::new(1, 10);
         txn.headers(1, Direction::Request, &[], false);
         txn.headers(2, Direction::Response, &[], false);
-        txn.body(3, Direction::Response, &[1], 1, true);
+        body(&mut txn, 3, Direction::Response, &[1], 1, true);
         assert_eq!(txn.completed_at_ns(), None, "the request has not ended");
-        txn.body(4, Direction::Request, &[], 0, true);
+        body(&mut txn, 4, Direction::Request, &[], 0, true);
         assert_eq!(txn.completed_at_ns(), Some(4));
         txn.trailers(5, Direction::Response, &[]);
         assert_eq!(txn.completed_at_ns(), Some(4), "the first completion stands");

@@ -1,7 +1,8 @@
 //! Frames as the filter queues them, encoded once, straight into the batch that will carry them.
 //!
 //! The frames of every request (headers, trailers, body chunks) are encoded from what the host
-//! handed over, borrowed: the header pairs buffer and the body bytes. Building `Frame` messages
+//! handed over, borrowed: the header pairs buffer and the body bytes, in as many pieces as the
+//! host's buffer holds them ([`BodyBytes`]). Building `Frame` messages
 //! first would copy every header name and value into its own allocation only to copy it again
 //! into the batch. The bytes are exactly prost's encoding of the equivalent `Frame` (tested
 //! below), so the contract stays the `.proto`. An HTTP exchange's start is encoded from the
@@ -102,6 +103,58 @@ impl StartRef<'_> {
     }
 }
 
+/// The captured part of one body event: the first `len` bytes of the pieces the host's buffer
+/// holds them in (a native host hands over Envoy's buffer slices; proxy-wasm one copy). They are
+/// copied once, by [`FrameRef::encode`], straight into the batch: gathering the pieces first
+/// would copy every captured byte twice.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyBytes<'a> {
+    pieces: &'a [&'a [u8]],
+    len: usize,
+}
+
+impl<'a> BodyBytes<'a> {
+    /// The first `wanted` bytes of `pieces`, or all of them when they hold fewer.
+    pub fn prefix(pieces: &'a [&'a [u8]], wanted: usize) -> Self {
+        let held: usize = pieces.iter().map(|piece| piece.len()).sum();
+        Self { pieces, len: wanted.min(held) }
+    }
+
+    /// All of `piece`.
+    pub fn whole(piece: &'a &'a [u8]) -> Self {
+        Self::prefix(std::slice::from_ref(piece), piece.len())
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends the bytes to `out`.
+    fn put(&self, out: &mut Vec<u8>) {
+        let mut left = self.len;
+        for piece in self.pieces {
+            if left == 0 {
+                break;
+            }
+            // The whole piece, or its first `left` bytes when it holds more.
+            let taken = piece.get(..left).unwrap_or(piece);
+            out.extend_from_slice(taken);
+            left -= taken.len();
+        }
+    }
+
+    /// The bytes in one vector.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(self.len);
+        self.put(&mut bytes);
+        bytes
+    }
+}
+
 /// One frame, ready to be encoded into a batch.
 // Built on the stack and passed by reference, one at a time: boxing the large variant would
 // cost an allocation per frame and save nothing.
@@ -126,7 +179,7 @@ pub enum FrameRef<'a> {
         transaction_id: u64,
         timestamp_ns: u64,
         direction: Direction,
-        data: &'a [u8],
+        data: BodyBytes<'a>,
         truncated_bytes: u64,
         end_of_stream: bool,
     },
@@ -283,7 +336,10 @@ impl FrameRef<'_> {
                 put_varint_field(FRAME_TIMESTAMP, timestamp, out);
                 put_delimited_head(kind, kind_len, out);
                 put_varint_field(1, *direction as i32 as u64, out);
-                put_bytes_field(2, data, out);
+                if !data.is_empty() {
+                    put_delimited_head(2, data.len(), out);
+                    data.put(out);
+                }
                 put_varint_field(3, *truncated_bytes, out);
                 put_bool_field(4, *end_of_stream, out);
             }
@@ -398,7 +454,23 @@ mod tests {
         for _ in 0..2000 {
             let owned: Vec<(Vec<u8>, Vec<u8>)> = (0..rng.next() % 6).map(|_| (rng.bytes(40), rng.bytes(300))).collect();
             let pairs: Vec<Pair<'_>> = owned.iter().map(|(n, v)| (n.as_slice(), v.as_slice())).collect();
+            // A body in the pieces a host's buffer may hold it in (empty ones too), of which a
+            // prefix that may end inside any piece is captured.
             let data = rng.bytes(20_000);
+            let mut pieces: Vec<&[u8]> = Vec::new();
+            let mut rest = data.as_slice();
+            while !rest.is_empty() || rng.next().is_multiple_of(3) && pieces.len() < 4 {
+                let (piece, after) = rest.split_at((rng.next() % 6_000).min(rest.len() as u64) as usize);
+                pieces.push(piece);
+                rest = after;
+            }
+            let wanted = match rng.next() % 3 {
+                0 => data.len(),
+                1 => usize::MAX,
+                _ => (rng.next() % (data.len() as u64 + 1)) as usize,
+            };
+            let body = BodyBytes::prefix(&pieces, wanted);
+            assert_eq!(body.to_vec(), data[..wanted.min(data.len())], "{} pieces", pieces.len());
             let frames = [
                 FrameRef::Headers {
                     transaction_id: rng.number(),
@@ -412,7 +484,7 @@ mod tests {
                     transaction_id: rng.number(),
                     timestamp_ns: rng.number(),
                     direction: direction(rng.next()),
-                    data: &data,
+                    data: body,
                     truncated_bytes: rng.number(),
                     end_of_stream: rng.next().is_multiple_of(2),
                 },

@@ -24,7 +24,7 @@ use packet_inspector_filter::{
     pairs::Pair,
     pipeline::{Counter, Fate},
     transaction::{ExchangeStart, HttpTransaction},
-    wire::SharedMetadata,
+    wire::{BodyBytes, SharedMetadata},
 };
 use packet_inspector_proto::capture::{Direction, TransactionMetadata};
 use tokio::sync::mpsc::unbounded_channel;
@@ -271,8 +271,6 @@ thread_local! {
     /// The header and chunk lists of the current event, reused from event to event.
     static HEADERS: RefCell<Vec<EnvoyHeader>> = const { RefCell::new(Vec::new()) };
     static CHUNKS: RefCell<Vec<EnvoyBuffer>> = const { RefCell::new(Vec::new()) };
-    /// Where a body chunk is gathered when it comes in several pieces or over the limit.
-    static GATHERED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with a header map's pairs, borrowed from Envoy.
@@ -303,22 +301,6 @@ unsafe fn with_chunks<R>(filter: FilterEnvoyPtr, body: Body, f: impl FnOnce(&[&[
         };
         f(&slices)
     })
-}
-
-/// Runs `f` with the first `wanted` bytes of `chunks`: the chunk itself when it is one and
-/// wanted whole (no copy), else a gathered copy.
-fn with_prefix<R>(chunks: &[&[u8]], wanted: usize, f: impl FnOnce(&[u8]) -> R) -> R {
-    match chunks {
-        [whole] if whole.len() == wanted => f(whole),
-        _ => GATHERED.with_borrow_mut(|gathered| {
-            gathered.clear();
-            for chunk in chunks {
-                let room = wanted.saturating_sub(gathered.len());
-                gathered.extend_from_slice(chunk.get(..room.min(chunk.len())).unwrap_or_default());
-            }
-            f(gathered)
-        }),
-    }
 }
 
 /// What every capture of the current connection shares.
@@ -432,11 +414,11 @@ impl Exchange {
         unsafe {
             with_chunks(filter, body, |chunks| {
                 let total = chunks.iter().map(|chunk| chunk.len()).sum();
-                with_prefix(chunks, transaction.body_budget(direction, total), |data| {
-                    if let Some(frame) = transaction.body(now_ns(), direction, data, total, end_of_stream) {
-                        record(core, worker, transaction, &frame);
-                    }
-                });
+                // The captured bytes go from Envoy's slices straight into the batch.
+                let data = BodyBytes::prefix(chunks, transaction.body_budget(direction, total));
+                if let Some(frame) = transaction.body(now_ns(), direction, data, total, end_of_stream) {
+                    record(core, worker, transaction, &frame);
+                }
             });
         }
     }
