@@ -2,13 +2,13 @@
 //!
 //! The frames of every request (headers, trailers, body chunks) are encoded from what the host
 //! handed over, borrowed: the header pairs buffer and the body bytes, in as many pieces as the
-//! host's buffer holds them ([`BodyBytes`]). Building `Frame` messages
-//! first would copy every header name and value into its own allocation only to copy it again
-//! into the batch. The bytes are exactly prost's encoding of the equivalent `Frame` (tested
-//! below), so the contract stays the `.proto`. An HTTP exchange's start is encoded from the
-//! metadata its connection shares, encoded once per connection ([`SharedMetadata`]), plus its
-//! own few fields: no per-request copies of names, labels and addresses. Rarer frames (ends,
-//! Diameter messages) are built as messages and encoded by prost.
+//! host's buffer holds them ([`BodyBytes`]). Building `Frame` messages first would copy every
+//! header name and value into its own allocation only to copy it again into the batch. The
+//! bytes are exactly prost's encoding of the equivalent `Frame` (tested below), so the contract
+//! stays the `.proto`. An HTTP exchange's start is encoded from the metadata its connection
+//! shares, encoded once per connection ([`SharedMetadata`]), plus its own few fields: no
+//! per-request copies of names, labels and addresses. Rarer frames (ends, Diameter messages) are
+//! built as messages and encoded by prost.
 
 use packet_inspector_proto::capture::{Direction, Frame, Protocol, TransactionMetadata};
 use prost::{
@@ -459,7 +459,7 @@ mod tests {
             let data = rng.bytes(20_000);
             let mut pieces: Vec<&[u8]> = Vec::new();
             let mut rest = data.as_slice();
-            while !rest.is_empty() || rng.next().is_multiple_of(3) && pieces.len() < 4 {
+            while !rest.is_empty() || (rng.next().is_multiple_of(3) && pieces.len() < 4) {
                 let (piece, after) = rest.split_at((rng.next() % 6_000).min(rest.len() as u64) as usize);
                 pieces.push(piece);
                 rest = after;
