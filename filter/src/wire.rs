@@ -146,13 +146,6 @@ impl<'a> BodyBytes<'a> {
             left -= taken.len();
         }
     }
-
-    /// The bytes in one vector.
-    pub fn to_vec(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(self.len);
-        self.put(&mut bytes);
-        bytes
-    }
 }
 
 /// One frame, ready to be encoded into a batch.
@@ -415,6 +408,13 @@ mod tests {
         }
     }
 
+    /// A body's captured bytes, in one vector.
+    fn bytes_of(body: &BodyBytes<'_>) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        body.put(&mut bytes);
+        bytes
+    }
+
     fn as_prost(frame: &FrameRef<'_>) -> Frame {
         match frame {
             FrameRef::Message(frame) => frame.clone(),
@@ -440,7 +440,7 @@ mod tests {
                 timestamp_ns: *timestamp_ns,
                 kind: Some(Kind::Body(BodyChunk {
                     direction: *direction as i32,
-                    data: data.to_vec(),
+                    data: bytes_of(data),
                     truncated_bytes: *truncated_bytes,
                     end_of_stream: *end_of_stream,
                 })),
@@ -470,7 +470,7 @@ mod tests {
                 _ => (rng.next() % (data.len() as u64 + 1)) as usize,
             };
             let body = BodyBytes::prefix(&pieces, wanted);
-            assert_eq!(body.to_vec(), data[..wanted.min(data.len())], "{} pieces", pieces.len());
+            assert_eq!(bytes_of(&body), data[..wanted.min(data.len())], "{} pieces", pieces.len());
             let frames = [
                 FrameRef::Headers {
                     transaction_id: rng.number(),
