@@ -19,6 +19,10 @@ pub const END_RESERVE: usize = 64 * 1024;
 /// Room left after the frames of a batch for its sequence and drop count (two varint fields).
 const TRAILER_BYTES: usize = 2 * 11;
 
+/// Buffers kept for reuse. Two: a frame larger than a batch goes alone, so one flush may send
+/// two batches (the one it cut short, and its own), and both buffers are needed again.
+const SPARES: usize = 2;
+
 /// The outbox is full; the frame was not taken.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Full;
@@ -28,8 +32,12 @@ pub struct Outbox {
     /// Encoded `FrameBatch.frames` entries, one buffer per batch; only the last one is still
     /// being filled.
     batches: VecDeque<Vec<u8>>,
-    /// A sent batch's buffer, kept for the next batch: no allocation per batch.
-    spare: Option<Vec<u8>>,
+    /// Sent batches' buffers, kept for the next batches: no allocation per batch. At most
+    /// [`SPARES`].
+    spares: Vec<Vec<u8>>,
+    /// The largest buffer kept as a spare: a batch's, or that of a frame larger than a batch
+    /// (see [`Self::with_frames_up_to`]).
+    max_spare_bytes: usize,
     buffered_bytes: usize,
     in_flight: VecDeque<u64>,
     next_sequence: u64,
@@ -42,7 +50,8 @@ impl Outbox {
     pub fn new(max_buffer_bytes: usize, max_batch_bytes: usize, max_in_flight: usize) -> Self {
         Self {
             batches: VecDeque::new(),
-            spare: None,
+            spares: Vec::new(),
+            max_spare_bytes: max_batch_bytes + TRAILER_BYTES,
             buffered_bytes: 0,
             in_flight: VecDeque::new(),
             next_sequence: 1,
@@ -50,6 +59,20 @@ impl Outbox {
             max_batch_bytes,
             max_in_flight,
         }
+    }
+
+    /// Keeps the buffer of a frame up to `max_frame_bytes` for reuse too, as a batch's, when
+    /// that is at most twice a batch. A frame larger than a batch goes alone, in a buffer of its
+    /// own: a body chunk at the body limit (64 KiB by default) is just larger than a batch
+    /// (64 KiB by default), and without this each one would take a new buffer. A larger limit
+    /// is not kept, so that two spares never hold more than four batches' worth of memory.
+    #[must_use]
+    pub fn with_frames_up_to(mut self, max_frame_bytes: usize) -> Self {
+        let frame_buffer = max_frame_bytes.saturating_add(TRAILER_BYTES);
+        if frame_buffer <= 2 * self.max_spare_bytes {
+            self.max_spare_bytes = self.max_spare_bytes.max(frame_buffer);
+        }
+        self
     }
 
     /// Queues a frame.
@@ -78,16 +101,15 @@ impl Outbox {
         }
         let fits = self.batches.back().is_some_and(|batch| batch.len() + len <= self.max_batch_bytes);
         if !fits {
-            // A single frame larger than a batch still goes, alone (frames are bounded by the
-            // body limit).
-            let capacity = self.max_batch_bytes.max(len) + TRAILER_BYTES;
-            let buffer = match self.spare.take() {
-                Some(mut spare) if spare.capacity() >= capacity => {
-                    spare.clear();
-                    spare
-                }
-                _ => Vec::with_capacity(capacity),
+            // A batch's buffer, or one for a frame larger than a batch, which still goes, alone
+            // (frames are bounded by the body limit). The sizes are fixed rather than the
+            // frame's own, so that a spare fits the next such frame (ids and times grow).
+            let capacity = match len + TRAILER_BYTES {
+                batch if batch <= self.max_batch_bytes + TRAILER_BYTES => self.max_batch_bytes + TRAILER_BYTES,
+                large if large <= self.max_spare_bytes => self.max_spare_bytes,
+                larger => larger,
             };
+            let buffer = self.buffer(capacity);
             self.batches.push_back(buffer);
         }
         if let Some(batch) = self.batches.back_mut() {
@@ -95,6 +117,25 @@ impl Outbox {
             self.buffered_bytes += len;
         }
         Ok(())
+    }
+
+    /// An empty buffer of at least `capacity` bytes: a spare large enough, else one grown to
+    /// size, else a new one.
+    fn buffer(&mut self, capacity: usize) -> Vec<u8> {
+        let smallest_that_fits = self
+            .spares
+            .iter()
+            .enumerate()
+            .filter(|(_, spare)| spare.capacity() >= capacity)
+            .min_by_key(|(_, spare)| spare.capacity())
+            .map(|(at, _)| at);
+        let mut buffer = match smallest_that_fits {
+            Some(at) => self.spares.swap_remove(at),
+            None => self.spares.pop().unwrap_or_default(),
+        };
+        buffer.clear();
+        buffer.reserve_exact(capacity);
+        buffer
     }
 
     pub fn buffered_bytes(&self) -> usize {
@@ -106,7 +147,19 @@ impl Outbox {
         self.batches.len() > 1 || self.batches.front().is_some_and(|batch| batch.len() >= self.max_batch_bytes)
     }
 
-    /// Takes the next batch, encoded, if frames wait and the in-flight window has room.
+    /// Takes the next batch if it is full (see [`Self::has_full_batch`]) and the in-flight
+    /// window has room. The batch still being filled waits: sent now, it would go out nearly
+    /// empty, and every full batch would be followed by one.
+    pub fn next_full_batch(&mut self, captures_dropped: u64) -> Option<(u64, Vec<u8>)> {
+        if self.has_full_batch() {
+            self.next_batch(captures_dropped)
+        } else {
+            None
+        }
+    }
+
+    /// Takes the next batch, encoded, full or not, if frames wait and the in-flight window has
+    /// room.
     pub fn next_batch(&mut self, captures_dropped: u64) -> Option<(u64, Vec<u8>)> {
         if self.in_flight.len() >= self.max_in_flight {
             return None;
@@ -123,10 +176,10 @@ impl Outbox {
     /// Hands back a sent batch's buffer for reuse (an empty one, when the host took the batch's,
     /// is let go).
     pub fn recycle(&mut self, mut buffer: Vec<u8>) {
-        // Only batch-sized buffers; an oversized single frame's is let go.
-        if buffer.capacity() > 0 && buffer.capacity() <= self.max_batch_bytes + TRAILER_BYTES {
+        // Up to the bound only: the buffer of a frame larger than expected is let go.
+        if buffer.capacity() > 0 && buffer.capacity() <= self.max_spare_bytes && self.spares.len() < SPARES {
             buffer.clear();
-            self.spare = Some(buffer);
+            self.spares.push(buffer);
         }
     }
 

@@ -164,6 +164,11 @@ pub enum Fate {
     Abandoned,
 }
 
+/// The largest body frame the configuration lets through: one chunk at the body limit.
+fn largest_body_frame(config: &Config) -> usize {
+    FrameRef::max_body_framed_len(usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX))
+}
+
 #[derive(Debug)]
 pub struct Pipeline {
     cluster: String,
@@ -180,7 +185,8 @@ impl Pipeline {
     pub fn new(config: &Config) -> Self {
         Self {
             cluster: config.cluster.clone(),
-            outbox: Outbox::new(config.max_buffer_bytes, config.max_batch_bytes, config.max_batches_in_flight),
+            outbox: Outbox::new(config.max_buffer_bytes, config.max_batch_bytes, config.max_batches_in_flight)
+                .with_frames_up_to(largest_body_frame(config)),
             stream: Stream::Down { retry_at_ns: 0 },
             backoff_ns: INITIAL_BACKOFF_NS,
             next_transaction_id: 1,
@@ -240,9 +246,7 @@ impl Pipeline {
         let pushed = if is_end { self.outbox.push_end(frame) } else { self.outbox.push(frame) };
         match pushed {
             Ok(()) => {
-                if self.outbox.has_full_batch() {
-                    self.flush(host);
-                }
+                self.send_full_batches(host);
                 fate
             }
             Err(_) => {
@@ -289,9 +293,7 @@ impl Pipeline {
             Ok(ack) => {
                 let released = self.outbox.ack(ack.sequence);
                 host.count(Counter::BatchesAcked, released as u64);
-                if self.outbox.has_full_batch() {
-                    self.flush(host);
-                }
+                self.send_full_batches(host);
             }
             Err(err) => self.warn(host, &format!("the aggregator sent an undecodable ack: {err}")),
         }
@@ -306,10 +308,26 @@ impl Pipeline {
         self.lose_stream(host, now);
     }
 
-    /// Sends batches while the stream is ready and the ack window allows.
+    /// Sends every waiting batch, the one still being filled included, while the stream is
+    /// ready and the ack window allows: on the tick (which bounds how long a frame waits) and
+    /// when the stream becomes ready.
     pub fn flush<H: Host>(&mut self, host: &mut H) {
+        self.send_batches(host, Outbox::next_batch);
+    }
+
+    /// Sends the full batches only, as frames are recorded and acks open the window; the one
+    /// still being filled waits for more frames or the tick.
+    fn send_full_batches<H: Host>(&mut self, host: &mut H) {
+        self.send_batches(host, Outbox::next_full_batch);
+    }
+
+    fn send_batches<H: Host>(
+        &mut self,
+        host: &mut H,
+        mut next: impl FnMut(&mut Outbox, u64) -> Option<(u64, Vec<u8>)>,
+    ) {
         let Stream::Ready { token } = self.stream else { return };
-        while let Some((_, mut encoded)) = self.outbox.next_batch(self.unreported_drops) {
+        while let Some((_, mut encoded)) = next(&mut self.outbox, self.unreported_drops) {
             let sent = host.send(token, &mut encoded);
             self.outbox.recycle(encoded);
             if let Err(err) = sent {
@@ -444,6 +462,28 @@ mod tests {
         pipeline.on_stream_ready(host, 1);
         assert!(pipeline.is_ready());
         pipeline
+    }
+
+    /// Between ticks only full batches go: the frame that did not fit waits in the next one,
+    /// rather than going out alone right after it.
+    #[test]
+    fn a_full_batch_goes_at_once_and_the_next_waits_for_more_frames_or_the_tick() {
+        let mut host = MockHost::default();
+        let mut pipeline = ready_pipeline(&mut host, 1 << 20);
+        pipeline.outbox = Outbox::new(1 << 20, 60, 8);
+        let mut recorded = 0;
+        while host.sent.is_empty() {
+            let id = pipeline.begin(&mut host).unwrap();
+            assert_eq!(pipeline.record(&mut host, Fate::Recording, &start(id)), Fate::Recording);
+            recorded += 1;
+        }
+        assert_eq!(host.sent[0].1.frames.len(), recorded - 1, "the full batch");
+        let ack = BatchAck { sequence: 1 }.encode_to_vec();
+        pipeline.on_stream_message(&mut host, 1, &ack);
+        assert_eq!(host.sent.len(), 1, "an ack sends no batch that is not full");
+        pipeline.on_tick(&mut host);
+        assert_eq!(host.sent.len(), 2);
+        assert_eq!(host.sent[1].1.frames.len(), 1, "the frame that did not fit, on the tick");
     }
 
     #[test]

@@ -295,6 +295,19 @@ impl FrameRef<'_> {
         delimited_len(BATCH_FRAMES, self.frame_len())
     }
 
+    /// The most bytes a body frame carrying `data_len` bytes adds to a batch, whatever its ids,
+    /// times and truncation: what a batch buffer must hold for one at the body limit.
+    pub fn max_body_framed_len(data_len: usize) -> usize {
+        let body = varint_field_len(1, Direction::Response as i32 as u64)
+            + bytes_field_len(2, data_len)
+            + varint_field_len(3, u64::MAX)
+            + bool_field_len(4, true);
+        let frame = varint_field_len(FRAME_TRANSACTION_ID, u64::MAX)
+            + varint_field_len(FRAME_TIMESTAMP, u64::MAX)
+            + delimited_len(FRAME_BODY, body);
+        delimited_len(BATCH_FRAMES, frame)
+    }
+
     /// Appends this frame as one `FrameBatch.frames` entry; writes exactly [`Self::framed_len`]
     /// bytes.
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -500,7 +513,28 @@ mod tests {
                 let batch = FrameBatch { sequence: 0, frames: vec![as_prost(frame)], captures_dropped: 0 };
                 assert_eq!(ours, batch.encode_to_vec(), "{frame:?}");
                 assert_eq!(ours.len(), frame.framed_len());
+                if let FrameRef::Body { data, .. } = frame {
+                    assert!(ours.len() <= FrameRef::max_body_framed_len(data.len()), "{frame:?}");
+                }
             }
+        }
+    }
+
+    /// The bound is what the largest such frame takes, not more.
+    #[test]
+    fn the_body_frame_bound_is_reached_by_the_largest_frame() {
+        for data_len in [0, 1, 127, 128, 65_536, 16 << 20] {
+            let data = vec![7; data_len];
+            let data = data.as_slice();
+            let frame = FrameRef::Body {
+                transaction_id: u64::MAX,
+                timestamp_ns: u64::MAX,
+                direction: Direction::Response,
+                data: BodyBytes::whole(&data),
+                truncated_bytes: u64::MAX,
+                end_of_stream: true,
+            };
+            assert_eq!(frame.framed_len(), FrameRef::max_body_framed_len(data_len), "{data_len} bytes");
         }
     }
 
