@@ -26,7 +26,7 @@ use packet_inspector_filter::{
     config::Config,
     connections::{ConnectionCache, ConnectionFacts},
     metadata, pairs,
-    pipeline::{Counter, Fate, Host, Pipeline},
+    pipeline::{Fate, Pipeline},
     transaction::HttpTransaction,
     wire::{BodyBytes, SharedMetadata, StartRef},
 };
@@ -38,33 +38,10 @@ use prost::Message;
 const WARM_UP: (u64, u64) = (100_000, 20_000);
 const MEASURED: (u64, u64) = (1_000_000, 100_000);
 
-/// Takes every batch, counting them and their bytes.
-#[derive(Default)]
-struct CountingHost {
-    now_ns: u64,
-    batches: u64,
-    bytes: u64,
-    warnings: Vec<String>,
-}
+#[path = "../tests/support/counting_host.rs"]
+mod counting_host;
 
-impl Host for CountingHost {
-    fn now_ns(&self) -> u64 {
-        self.now_ns
-    }
-    fn open_stream(&mut self, _cluster: &str) -> Result<u32, String> {
-        Ok(1)
-    }
-    fn send(&mut self, _token: u32, batch: &mut Vec<u8>) -> Result<(), String> {
-        self.batches += 1;
-        self.bytes += batch.len() as u64;
-        Ok(())
-    }
-    fn cancel(&mut self, _token: u32) {}
-    fn count(&mut self, _counter: Counter, _delta: u64) {}
-    fn warn(&mut self, message: &str) {
-        self.warnings.push(message.to_owned());
-    }
-}
+use counting_host::CountingHost;
 
 struct Exchange {
     request_headers: Vec<u8>,

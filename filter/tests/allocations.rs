@@ -28,7 +28,7 @@ use packet_inspector_filter::{
     config::Config,
     connections::{ConnectionCache, ConnectionFacts},
     metadata,
-    pipeline::{Counter, Fate, Host, Pipeline},
+    pipeline::{Fate, Pipeline},
     transaction::{ExchangeStart, HttpTransaction},
     wire::{BodyBytes, SharedMetadata},
 };
@@ -81,38 +81,11 @@ unsafe impl GlobalAlloc for CountingAllocator {
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
-/// Counts what it is sent. Copies each batch out, as Envoy's `grpc_send` does for the Wasm
-/// filter (the outbox keeps the buffer), or takes it, as the native capture's host does (the
-/// outbox needs a new one).
-struct BatchCountingHost {
-    now_ns: u64,
-    takes_batches: bool,
-    batches: u64,
-    bytes: u64,
-    warnings: Vec<String>,
+mod support {
+    pub mod counting_host;
 }
 
-impl Host for BatchCountingHost {
-    fn now_ns(&self) -> u64 {
-        self.now_ns
-    }
-    fn open_stream(&mut self, _cluster: &str) -> Result<u32, String> {
-        Ok(1)
-    }
-    fn send(&mut self, _token: u32, batch: &mut Vec<u8>) -> Result<(), String> {
-        self.batches += 1;
-        self.bytes += batch.len() as u64;
-        if self.takes_batches {
-            drop(std::mem::take(batch));
-        }
-        Ok(())
-    }
-    fn cancel(&mut self, _token: u32) {}
-    fn count(&mut self, _counter: Counter, _delta: u64) {}
-    fn warn(&mut self, message: &str) {
-        self.warnings.push(message.to_owned());
-    }
-}
+use support::counting_host::CountingHost;
 
 const REQUEST_HEADERS: [(&[u8], &[u8]); 6] = [
     (b":authority", b"reviews.bookinfo:9080"),
@@ -142,7 +115,7 @@ fn connection_facts(connection_id: u64) -> ConnectionFacts {
 fn record_exchange(
     pipeline: &mut Pipeline,
     connections: &mut ConnectionCache,
-    host: &mut BatchCountingHost,
+    host: &mut CountingHost,
     connection_id: u64,
     body: (&[u8], &[u8]),
 ) {
@@ -188,7 +161,7 @@ struct Measured {
 fn measure(takes_batches: bool, body_bytes: usize, measured: u64) -> Measured {
     let config = Config::from_json(br#"{"cluster":"aggregator"}"#).expect("the default configuration");
     let mut pipeline = Pipeline::new(&config);
-    let mut host = BatchCountingHost { now_ns: 0, takes_batches, batches: 0, bytes: 0, warnings: Vec::new() };
+    let mut host = CountingHost { takes_batches, ..CountingHost::default() };
     pipeline.on_tick(&mut host);
     pipeline.on_stream_headers(&mut host, 1, &[(b":status", b"200")]);
     assert!(pipeline.is_ready(), "the stream is ready: {:?}", host.warnings);
@@ -197,7 +170,7 @@ fn measure(takes_batches: bool, body_bytes: usize, measured: u64) -> Measured {
     let (first, second) = body.split_at(body_bytes / 3);
     let mut acked = 0;
     let mut ack = Vec::with_capacity(16);
-    let mut run = |count: u64, host: &mut BatchCountingHost| {
+    let mut run = |count: u64, host: &mut CountingHost| {
         for n in 0..count {
             record_exchange(&mut pipeline, &mut connections, host, n % CONNECTIONS + 1, (first, second));
             while acked < host.batches {
