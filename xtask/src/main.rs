@@ -48,16 +48,20 @@ enum Task {
         #[arg(long, default_value_t = 16)]
         rounds: usize,
         /// Seconds per proxy load run (short runs, many rounds: a stall of the machine spoils
-        /// one run of one variant, not a third of its figures). The ingest part runs at least 10.
+        /// one run of one variant, not a third of its figures). Ingest runs take at least 5.
         #[arg(long, default_value_t = 2)]
         seconds: u64,
-        /// A proxy round in which the host took more than this share (%) of a core away (steal
-        /// time, `/proc/stat`) is run again: on a shared VM, such rounds measure the host.
+        /// A proxy or ingest round in which the host took more than this share (%) of a core
+        /// away (steal time, `/proc/stat`) is run again: on a shared VM, such rounds measure the
+        /// host.
         #[arg(long, default_value_t = 2.0)]
         steal_limit: f64,
         /// How many times a round over `--steal-limit` is run again (the least stolen counts).
         #[arg(long, default_value_t = 2)]
         steal_retries: usize,
+        /// Rounds of the ingest part, each running 1 KiB and 64 KiB bodies.
+        #[arg(long, default_value_t = 5)]
+        ingest_rounds: usize,
         /// Client connections (wrk and h2load).
         #[arg(long, default_value_t = 50)]
         connections: u32,
@@ -194,6 +198,7 @@ fn main() -> Result<()> {
             seconds,
             steal_limit,
             steal_retries,
+            ingest_rounds,
             connections,
             parts,
             mut variants,
@@ -272,6 +277,7 @@ fn main() -> Result<()> {
                 seconds,
                 steal_limit_percent: steal_limit,
                 steal_retries,
+                ingest_rounds,
                 connections,
                 parts,
                 variants,
