@@ -160,6 +160,42 @@ pub(crate) fn least_stolen(stolen_percent: impl IntoIterator<Item = f64>) -> usi
         .0
 }
 
+/// Measures every slot once, in order; then, in up to `retries` later passes, again each slot
+/// whose least stolen attempt is over `limit` (%): later, so as not to land in the same busy
+/// spell of the host. `measure` gets the slot and the attempt's number. Returns each slot with
+/// its attempts and which of them counts ([`least_stolen`]); `what` names the runs in the log.
+pub(crate) fn measure_in_passes<S, T>(
+    slots: Vec<S>,
+    limit: f64,
+    retries: usize,
+    what: &str,
+    stolen: impl Fn(&T) -> f64,
+    mut measure: impl FnMut(&S, usize) -> Result<T>,
+) -> Result<Vec<(S, Vec<T>, usize)>> {
+    let least = |attempts: &[T]| attempts.iter().map(&stolen).fold(f64::MAX, f64::min);
+    let mut slots: Vec<(S, Vec<T>)> = slots.into_iter().map(|slot| (slot, Vec::new())).collect();
+    for pass in 0..=retries {
+        let again = slots.iter().filter(|(_, attempts)| least(attempts) > limit).count();
+        if pass > 0 && again > 0 {
+            eprintln!(
+                "bench: the host took more than {limit}% of a core in {again} of those {what}: running them again"
+            );
+        }
+        for (slot, attempts) in &mut slots {
+            if least(attempts) > limit {
+                attempts.push(measure(slot, pass)?);
+            }
+        }
+    }
+    Ok(slots
+        .into_iter()
+        .map(|(slot, attempts)| {
+            let kept = least_stolen(attempts.iter().map(&stolen));
+            (slot, attempts, kept)
+        })
+        .collect())
+}
+
 /// What a load generator reports.
 pub struct LoadResult {
     pub requests: u64,
@@ -623,18 +659,12 @@ pub fn run(options: &Options) -> Result<()> {
     // ingest forwards every capture, and must forward to a sink that discards.
     let ingest = if options.runs("ingest") {
         crate::ingest::wait_drained(setup.aggregator_admin)?;
-        let plan = crate::ingest::Plan {
-            rounds: options.ingest_rounds,
-            seconds: options.seconds.max(crate::ingest::MIN_SECONDS),
-            steal_limit_percent: options.steal_limit_percent,
-            steal_retries: options.steal_retries,
-        };
         Some(crate::ingest::run(
             &setup.certs,
             setup.aggregator_port,
             setup.aggregator_admin,
             setup.aggregator_pid,
-            &plan,
+            options,
         )?)
     } else {
         None
@@ -1382,35 +1412,24 @@ fn proxy(
                     .fold(f64::MAX, f64::min);
                 rate = Some((slowest / 2.0).floor().max(1.0));
             }
-            // Every (round, variant) once, interleaved; then, in later passes, again those the
-            // host took too much from: later, so as not to land in the same busy spell.
-            let mut slots: Vec<(usize, &str, Vec<Measured>)> = (0..options.rounds)
+            // Every (round, variant) once, interleaved; then again those the host took too much
+            // from (see `measure_in_passes`).
+            let slots: Vec<(usize, &str)> = (0..options.rounds)
                 .flat_map(|round| {
-                    round_order(&variants, round, options.candidate_peer())
-                        .into_iter()
-                        .map(move |variant| (round, variant, Vec::new()))
+                    round_order(&variants, round, options.candidate_peer()).into_iter().map(move |v| (round, v))
                 })
                 .collect();
-            for pass in 0..=options.steal_retries {
-                let stolen =
-                    |attempts: &[Measured]| attempts.iter().map(|(run, _)| run.stolen_percent).fold(f64::MAX, f64::min);
-                let again =
-                    slots.iter().filter(|(.., attempts)| stolen(attempts) > options.steal_limit_percent).count();
-                if pass > 0 && again > 0 {
-                    eprintln!(
-                        "bench: the host took more than {}% of a core in {again} of those runs: running them again",
-                        options.steal_limit_percent
-                    );
-                }
-                for (round, variant, attempts) in &mut slots {
-                    if stolen(attempts) > options.steal_limit_percent {
-                        let run = Attempt { size, index, load, rate, variant, round: *round, attempt: pass };
-                        attempts.push(run.measure(setup, options, tick_us)?);
-                    }
-                }
-            }
-            for (_, variant, attempts) in slots {
-                let kept = least_stolen(attempts.iter().map(|(run, _)| run.stolen_percent));
+            let measured = measure_in_passes(
+                slots,
+                options.steal_limit_percent,
+                options.steal_retries,
+                "runs",
+                |(run, _): &Measured| run.stolen_percent,
+                |&(round, variant), attempt| {
+                    Attempt { size, index, load, rate, variant, round, attempt }.measure(setup, options, tick_us)
+                },
+            )?;
+            for ((_, variant), attempts, kept) in measured {
                 for (at, (mut run, round_latencies)) in attempts.into_iter().enumerate() {
                     if at == kept {
                         run.kept = true;
@@ -1513,7 +1532,7 @@ pub fn which(program: &str) -> Result<PathBuf> {
 mod tests {
     use std::time::Duration;
 
-    use super::{least_stolen, round_order, steal_of, stolen_percent};
+    use super::{least_stolen, measure_in_passes, round_order, steal_of, stolen_percent};
 
     #[test]
     fn steal_is_read_per_core_and_the_least_stolen_attempt_counts() {
@@ -1529,6 +1548,42 @@ mod tests {
         assert_eq!(least_stolen([12.0, 3.5, 7.0]), 1);
         assert_eq!(least_stolen([4.0, 4.0]), 0, "the first of equals");
         assert_eq!(least_stolen([2.0]), 0);
+    }
+
+    #[test]
+    fn runs_the_host_took_too_much_from_are_run_again_later_and_the_least_stolen_counts() {
+        // What the host takes from each (slot, attempt): slot "a" is calm, "b" busy twice then
+        // calm, "c" busy every time.
+        let steal = |slot: &str, attempt: usize| match (slot, attempt) {
+            ("a", _) => 0.5,
+            ("b", 0) => 9.0,
+            ("b", 1) => 4.0,
+            ("b", _) => 1.0,
+            _ => 30.0 - attempt as f64,
+        };
+        let mut order = Vec::new();
+        let measured = measure_in_passes(
+            vec!["a", "b", "c"],
+            2.0,
+            2,
+            "runs",
+            |s: &f64| *s,
+            |slot, attempt| {
+                order.push((*slot, attempt));
+                Ok(steal(slot, attempt))
+            },
+        )
+        .unwrap();
+        // Every slot once first; then only those still over the limit, a pass at a time.
+        assert_eq!(order, [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("b", 2), ("c", 2)]);
+        let kept: Vec<(&str, usize, usize)> =
+            measured.iter().map(|(slot, runs, kept)| (*slot, runs.len(), *kept)).collect();
+        assert_eq!(kept, [("a", 1, 0), ("b", 3, 2), ("c", 3, 2)], "c never gets under: its least stolen counts");
+        assert!(
+            measure_in_passes(vec![1], 2.0, 2, "runs", |s: &f64| *s, |_, _| anyhow::bail!("no load generator"))
+                .is_err(),
+            "a failed measurement fails the part"
+        );
     }
 
     #[test]

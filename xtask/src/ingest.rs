@@ -21,6 +21,8 @@ use packet_inspector_proto::{
     tls,
 };
 use packet_inspector_tests::{http, process::Process, wait_for};
+
+use crate::bench::Options;
 use prost::Message;
 
 /// Ingest figures of one run.
@@ -79,21 +81,9 @@ pub struct Ingest {
     pub megabytes_per_core_second: Spread,
 }
 
-/// How the ingest part repeats its runs.
-#[derive(Debug, Clone, Copy)]
-pub struct Plan {
-    /// Rounds, each running both body sizes (their order swapped every other round).
-    pub rounds: usize,
-    pub seconds: u64,
-    /// A run in which the host took more than this share (%) of either core is run again...
-    pub steal_limit_percent: f64,
-    /// ...in up to this many later passes; the least stolen attempt is the round's.
-    pub steal_retries: usize,
-}
-
 /// The shortest ingest run: long enough that opening the stream and draining the forwarding
 /// queue at the end are a small part of it.
-pub const MIN_SECONDS: u64 = 5;
+const MIN_SECONDS: u64 = 5;
 /// The body sizes of P3: frames/s is measured with small bodies, MB/s with large ones.
 const SMALL_BODY: usize = 1024;
 const LARGE_BODY: usize = 65_536;
@@ -355,44 +345,38 @@ async fn ingest_once(
 }
 
 /// Ingest with small and with large bodies, the aggregator alone on core 0 and the load
-/// generator (this process) on core 1, in `plan.rounds` rounds of both sizes.
+/// generator (this process) on core 1, in `--ingest-rounds` rounds of both sizes.
 ///
 /// Like the proxy part's rounds, a run the host took more than the steal limit from is run
-/// again in a later pass (not at once: the host's busy spells outlast a run), and the least
-/// stolen attempt is the round's. A single run per size gave a figure without a spread or a
-/// record of what the host took (249 MB/s per core in a full run, 274 in an ingest-only run
-/// right after).
-pub fn run(certs: &Path, port: u16, admin: u16, aggregator: u32, plan: &Plan) -> Result<Ingest> {
+/// again in a later pass, and the least stolen attempt is the round's: with 64 KiB bodies, the
+/// figure per core fell as the host took more (a correlation of -0.91 over 21 runs: 347 MB/s at
+/// up to 2% stolen, 243 above 10%), and a single run per size had missed P3 twice.
+pub fn run(certs: &Path, port: u16, admin: u16, aggregator: u32, options: &Options) -> Result<Ingest> {
     pin(aggregator, 0)?;
     pin(std::process::id(), 1)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let tick_ms = 1000.0 / crate::bench::ticks_per_second();
-    let mut slots: Vec<(usize, usize, Vec<IngestRun>)> = (0..plan.rounds)
+    let seconds = options.seconds.max(MIN_SECONDS);
+    let slots: Vec<(usize, usize)> = (0..options.ingest_rounds)
         .flat_map(|round| {
             let sizes = if round % 2 == 0 { [SMALL_BODY, LARGE_BODY] } else { [LARGE_BODY, SMALL_BODY] };
-            sizes.map(|body| (round, body, Vec::new()))
+            sizes.map(|body| (round, body))
         })
         .collect();
-    let least = |attempts: &[IngestRun]| attempts.iter().map(|r| r.stolen_percent).fold(f64::MAX, f64::min);
-    for pass in 0..=plan.steal_retries {
-        let again = slots.iter().filter(|(.., attempts)| least(attempts) > plan.steal_limit_percent).count();
-        if pass > 0 && again > 0 {
-            eprintln!(
-                "bench: the host took more than {}% of a core in {again} ingest runs: running them again",
-                plan.steal_limit_percent
-            );
-        }
-        for (round, body, attempts) in &mut slots {
-            if least(attempts) <= plan.steal_limit_percent {
-                continue;
-            }
+    let measured = crate::bench::measure_in_passes(
+        slots,
+        options.steal_limit_percent,
+        options.steal_retries,
+        "ingest runs",
+        |run: &IngestRun| run.stolen_percent,
+        |&(round, body), attempt| {
             let steal_before = crate::bench::steal_ticks()?;
             let started = Instant::now();
-            let mut run = runtime.block_on(ingest_once(certs, port, admin, *body, plan.seconds, aggregator))?;
+            let mut run = runtime.block_on(ingest_once(certs, port, admin, body, seconds, aggregator))?;
             let steal_after = crate::bench::steal_ticks()?;
             run.steal_ms = [0, 1].map(|c| steal_after[c].saturating_sub(steal_before[c]) as f64 * tick_ms);
             run.stolen_percent = crate::bench::stolen_percent(run.steal_ms, started.elapsed());
-            (run.round, run.attempt) = (*round, pass);
+            (run.round, run.attempt) = (round, attempt);
             eprintln!(
                 "bench: ingest {body:>6} B bodies, round {round}: {} frames, {:.1} MB in {:.1} s wall, {:.2} s aggregator CPU \
                  ({:.0} frames/s, {:.1} MB/s per core); captures built {}, forwarded {}, dropped at the forwarding queue {}; \
@@ -407,15 +391,14 @@ pub fn run(certs: &Path, port: u16, admin: u16, aggregator: u32, plan: &Plan) ->
                 run.captures_forwarded,
                 run.captures_dropped_at_queue,
                 run.stolen_percent,
-                if pass > 0 { format!(" (again, {pass})") } else { String::new() }
+                if attempt > 0 { format!(" (again, {attempt})") } else { String::new() }
             );
-            attempts.push(run);
-        }
-    }
+            Ok(run)
+        },
+    )?;
     pin(aggregator, 1)?;
     let mut runs = Vec::new();
-    for (.., attempts) in slots {
-        let kept = crate::bench::least_stolen(attempts.iter().map(|r| r.stolen_percent));
+    for (_, attempts, kept) in measured {
         runs.extend(attempts.into_iter().enumerate().map(|(at, run)| IngestRun { kept: at == kept, ..run }));
     }
     let kept = |body: usize, figure: fn(&IngestRun) -> f64| {
@@ -427,7 +410,7 @@ pub fn run(certs: &Path, port: u16, admin: u16, aggregator: u32, plan: &Plan) ->
     eprintln!(
         "bench: ingest per aggregator core, median (min-max) of {} rounds: {:.0} ({:.0}-{:.0}) frames/s with 1 KiB bodies, \
          {:.1} ({:.1}-{:.1}) MB/s with 64 KiB bodies",
-        plan.rounds,
+        options.ingest_rounds,
         frames_per_core_second.median,
         frames_per_core_second.min,
         frames_per_core_second.max,
