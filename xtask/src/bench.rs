@@ -141,7 +141,7 @@ struct Run {
 
 /// The share (%) of a run that took `elapsed` that the host took from the more stolen of the two
 /// cores.
-pub(crate) fn stolen_percent(steal_ms: [f64; 2], elapsed: Duration) -> f64 {
+fn stolen_percent(steal_ms: [f64; 2], elapsed: Duration) -> f64 {
     steal_ms[0].max(steal_ms[1]) / (elapsed.as_secs_f64().max(1e-3) * 10.0)
 }
 
@@ -215,8 +215,31 @@ pub fn cpu_ticks(pid: u32) -> Result<u64> {
 }
 
 /// Steal time (in clock ticks) of cores 0 and 1 so far, from `/proc/stat`.
-pub(crate) fn steal_ticks() -> Result<[u64; 2]> {
+fn steal_ticks() -> Result<[u64; 2]> {
     steal_of(&std::fs::read_to_string("/proc/stat")?)
+}
+
+/// What the host takes from cores 0 and 1 during a run: started before it, read after it.
+pub(crate) struct StealClock {
+    ticks: [u64; 2],
+    started: std::time::Instant,
+    tick_ms: f64,
+}
+
+impl StealClock {
+    pub(crate) fn start() -> Result<Self> {
+        let tick_ms = 1000.0 / ticks_per_second();
+        Ok(Self { ticks: steal_ticks()?, started: std::time::Instant::now(), tick_ms })
+    }
+
+    /// Milliseconds stolen from each core since the start, and the larger as a share (%) of the
+    /// time since the start: the run as it took, not as asked (a stall of the VM can hold it
+    /// many times longer).
+    pub(crate) fn read(&self) -> Result<([f64; 2], f64)> {
+        let now = steal_ticks()?;
+        let steal_ms = [0, 1].map(|c| now[c].saturating_sub(self.ticks[c]) as f64 * self.tick_ms);
+        Ok((steal_ms, stolen_percent(steal_ms, self.started.elapsed())))
+    }
 }
 
 fn steal_of(stat: &str) -> Result<[u64; 2]> {
@@ -239,13 +262,17 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
     Ok(kib.parse::<u64>()? * 1024)
 }
 
+/// The kernel's clock ticks per second (`getconf CLK_TCK`, asked once).
 pub fn ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 fn duration_us(text: &str) -> Option<f64> {
@@ -1470,17 +1497,14 @@ impl Attempt<'_> {
         let port = ports[self.index];
         let rate = self.rate.unwrap_or(1.0);
         let before = cpu_ticks(*pid)?;
-        let steal_before = steal_ticks()?;
-        // The run as it took, not as asked: a stall of the VM can hold it many times longer.
-        let started = std::time::Instant::now();
+        let steal = StealClock::start()?;
         let result = match self.load {
             Load::Closed => wrk(port, options.connections, options.seconds)?,
             Load::OpenHttp1 => crate::openloop::run(port, options.connections, rate, options.seconds)?,
             Load::FixedHttp2 => h2load(&setup.dir, port, options.connections, rate, options.seconds)?,
         };
         let cpu_us = (cpu_ticks(*pid)? - before) as f64 * tick_us;
-        let steal_after = steal_ticks()?;
-        let steal_ms = [0, 1].map(|c| steal_after[c].saturating_sub(steal_before[c]) as f64 * tick_us / 1000.0);
+        let (steal_ms, stolen_percent) = steal.read()?;
         let run = Run {
             size: self.size.to_owned(),
             load: self.load,
@@ -1496,7 +1520,7 @@ impl Attempt<'_> {
             p99_us: result.p99_us,
             envoy_cpu_us_per_request: cpu_us / result.requests.max(1) as f64,
             steal_ms,
-            stolen_percent: stolen_percent(steal_ms, started.elapsed()),
+            stolen_percent,
         };
         eprintln!(
             "bench: {:5} {:8} round {} {:12} {:>8.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  {:>6.1} µs CPU/req  {} failed  host took {:.1}%{}",

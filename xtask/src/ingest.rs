@@ -355,7 +355,6 @@ pub fn run(certs: &Path, port: u16, admin: u16, aggregator: u32, options: &Optio
     pin(aggregator, 0)?;
     pin(std::process::id(), 1)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let tick_ms = 1000.0 / crate::bench::ticks_per_second();
     let seconds = options.seconds.max(MIN_SECONDS);
     let slots: Vec<(usize, usize)> = (0..options.ingest_rounds)
         .flat_map(|round| {
@@ -370,12 +369,9 @@ pub fn run(certs: &Path, port: u16, admin: u16, aggregator: u32, options: &Optio
         "ingest runs",
         |run: &IngestRun| run.stolen_percent,
         |&(round, body), attempt| {
-            let steal_before = crate::bench::steal_ticks()?;
-            let started = Instant::now();
+            let steal = crate::bench::StealClock::start()?;
             let mut run = runtime.block_on(ingest_once(certs, port, admin, body, seconds, aggregator))?;
-            let steal_after = crate::bench::steal_ticks()?;
-            run.steal_ms = [0, 1].map(|c| steal_after[c].saturating_sub(steal_before[c]) as f64 * tick_ms);
-            run.stolen_percent = crate::bench::stolen_percent(run.steal_ms, started.elapsed());
+            (run.steal_ms, run.stolen_percent) = steal.read()?;
             (run.round, run.attempt) = (round, attempt);
             eprintln!(
                 "bench: ingest {body:>6} B bodies, round {round}: {} frames, {:.1} MB in {:.1} s wall, {:.2} s aggregator CPU \
