@@ -152,7 +152,7 @@ fn stolen_percent(steal_ms: [f64; 2], elapsed: Duration) -> f64 {
 /// most of the spread of the p99 (correlations of 0.7-1.0 per variant) and of the CPU per
 /// request (0.84-0.99, once -0.25). Every variant gets the same chances, and every attempt is
 /// in `runs.json`.
-pub(crate) fn least_stolen(stolen_percent: impl IntoIterator<Item = f64>) -> usize {
+fn least_stolen(stolen_percent: impl IntoIterator<Item = f64>) -> usize {
     stolen_percent
         .into_iter()
         .enumerate()
@@ -397,7 +397,23 @@ fn add_ratios(table: &mut [serde_json::Value]) {
     }
 }
 
-pub(crate) fn median(values: &mut [f64]) -> f64 {
+/// The median of the kept rounds, and their range.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// `None` for no values.
+    pub(crate) fn of(mut values: Vec<f64>) -> Option<Self> {
+        let (&min, &max) = (values.iter().min_by(|a, b| a.total_cmp(b))?, values.iter().max_by(|a, b| a.total_cmp(b))?);
+        Some(Self { median: median(&mut values), min, max })
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
 }
@@ -641,21 +657,18 @@ pub fn run(options: &Options) -> Result<()> {
                         continue;
                     }
                     let pick = |f: fn(&Run) -> f64| {
-                        let mut values: Vec<f64> = of.iter().map(|r| f(r)).collect();
-                        let (min, max) = (
-                            values.iter().copied().fold(f64::MAX, f64::min),
-                            values.iter().copied().fold(f64::MIN, f64::max),
-                        );
-                        (median(&mut values), min, max)
+                        Spread::of(of.iter().map(|r| f(r)).collect())
+                            .map(|s| (s.median, s.min, s.max))
+                            .context("a row without kept runs")
                     };
                     let (rps, cpu, p50, p99) = (
-                        pick(|r| r.requests_per_second),
-                        pick(|r| r.envoy_cpu_us_per_request),
-                        pick(|r| r.p50_us),
-                        pick(|r| r.p99_us),
+                        pick(|r| r.requests_per_second)?,
+                        pick(|r| r.envoy_cpu_us_per_request)?,
+                        pick(|r| r.p50_us)?,
+                        pick(|r| r.p99_us)?,
                     );
                     let failed: u64 = of.iter().map(|r| r.failed).sum();
-                    let stolen = pick(|r| r.stolen_percent);
+                    let stolen = pick(|r| r.stolen_percent)?;
                     let pooled_p99_us = latencies
                         .get_mut(&(size.to_owned(), load, variant.to_owned()))
                         .filter(|all: &&mut Vec<f64>| !all.is_empty())
@@ -1556,7 +1569,7 @@ pub fn which(program: &str) -> Result<PathBuf> {
 mod tests {
     use std::time::Duration;
 
-    use super::{least_stolen, measure_in_passes, round_order, steal_of, stolen_percent};
+    use super::{least_stolen, measure_in_passes, round_order, steal_of, stolen_percent, Spread};
 
     #[test]
     fn steal_is_read_per_core_and_the_least_stolen_attempt_counts() {
@@ -1572,6 +1585,13 @@ mod tests {
         assert_eq!(least_stolen([12.0, 3.5, 7.0]), 1);
         assert_eq!(least_stolen([4.0, 4.0]), 0, "the first of equals");
         assert_eq!(least_stolen([2.0]), 0);
+    }
+
+    #[test]
+    fn a_spread_is_the_median_and_the_range_of_the_kept_rounds() {
+        let spread = Spread::of(vec![274.0, 249.0, 301.0, 262.0, 280.0]).unwrap();
+        assert_eq!((spread.median, spread.min, spread.max), (274.0, 249.0, 301.0));
+        assert!(Spread::of(Vec::new()).is_none(), "no kept round, no figure");
     }
 
     #[test]

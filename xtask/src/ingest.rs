@@ -22,7 +22,7 @@ use packet_inspector_proto::{
 };
 use packet_inspector_tests::{http, process::Process, wait_for};
 
-use crate::bench::Options;
+use crate::bench::{Options, Spread};
 use prost::Message;
 
 /// Ingest figures of one run.
@@ -54,21 +54,6 @@ pub struct IngestRun {
     /// the emulator's) during the run (steal time), and the larger as a share of the run (%).
     pub steal_ms: [f64; 2],
     pub stolen_percent: f64,
-}
-
-/// The median of the kept rounds, and their range.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct Spread {
-    pub median: f64,
-    pub min: f64,
-    pub max: f64,
-}
-
-impl Spread {
-    fn of(mut values: Vec<f64>) -> Option<Self> {
-        let (&min, &max) = (values.iter().min_by(|a, b| a.total_cmp(b))?, values.iter().max_by(|a, b| a.total_cmp(b))?);
-        Some(Self { median: crate::bench::median(&mut values), min, max })
-    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -513,16 +498,4 @@ pub fn capture_latency(
     delays.sort_by(|a, b| a.total_cmp(b));
     let at = |q: f64| delays[((delays.len() as f64 * q) as usize).min(delays.len() - 1)];
     Ok(Latency { samples: delays.len(), p50_seconds: at(0.5), p99_seconds: at(0.99), max_seconds: at(1.0) })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Spread;
-
-    #[test]
-    fn a_spread_is_the_median_and_the_range_of_the_kept_rounds() {
-        let spread = Spread::of(vec![274.0, 249.0, 301.0, 262.0, 280.0]).unwrap();
-        assert_eq!((spread.median, spread.min, spread.max), (274.0, 249.0, 301.0));
-        assert!(Spread::of(Vec::new()).is_none(), "no kept round, no figure");
-    }
 }
