@@ -413,6 +413,21 @@ impl Spread {
     }
 }
 
+/// `f(a) / f(b)` in every round where both variants kept a run, as a median and range: the two
+/// ran seconds apart in each round, so a drift of the machine's speed over the whole run, which
+/// moves both variants' medians, cancels in each pair. Context beside the ratio of medians the
+/// targets take; `None` when no round has both.
+fn per_round_ratio(runs: &[Run], size: &str, load: Load, a: &str, b: &str, f: fn(&Run) -> f64) -> Option<Spread> {
+    let kept = |variant: &str| -> BTreeMap<usize, f64> {
+        runs.iter()
+            .filter(|r| r.kept && r.size == size && r.load == load && r.variant == variant)
+            .map(|r| (r.round, f(r)))
+            .collect()
+    };
+    let (of_a, of_b) = (kept(a), kept(b));
+    Spread::of(of_a.iter().filter_map(|(round, x)| Some(x / of_b.get(round)?)).collect())
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
@@ -735,6 +750,11 @@ pub fn run(options: &Options) -> Result<()> {
         (Some(a), Some(b)) => Some(f(&a) / f(&b)),
         _ => None,
     };
+    let paired = |a: &str, b: &str, f: fn(&Run) -> f64| {
+        per_round_ratio(&runs, "1KiB", Load::OpenHttp1, a, b, f).map(|s| json!([s.median, s.min, s.max]))
+    };
+    let cpu: fn(&Run) -> f64 = |r| r.envoy_cpu_us_per_request;
+    let p99: fn(&Run) -> f64 = |r| r.p99_us;
     // P1 and P2 for the Wasm capture, then for the native capture.
     let mut targets: Vec<serde_json::Value> = [("capture", "capture"), ("native-capture", "native capture")]
         .into_iter()
@@ -742,12 +762,15 @@ pub fn run(options: &Options) -> Result<()> {
             [
                 json!({"target": "P1", "what": format!("Envoy CPU/request, {name} / no-op Wasm (HTTP/1.1, 1 KiB, same offered load)"),
                     "value": ratio(fixed(variant), fixed("noop"), |m| m.cpu_us), "limit": 1.15,
-                    "a_a": ratio(fixed("noop-twin"), fixed("noop"), |m| m.cpu_us)}),
+                    "a_a": ratio(fixed("noop-twin"), fixed("noop"), |m| m.cpu_us),
+                    "per_round": paired(variant, "noop", cpu), "per_round_a_a": paired("noop-twin", "noop", cpu)}),
                 json!({"target": "P1", "what": format!("Envoy CPU/request, {name} / native tap (HTTP/1.1, 1 KiB, same offered load)"),
-                    "value": ratio(fixed(variant), fixed("tap"), |m| m.cpu_us), "limit": 0.5}),
+                    "value": ratio(fixed(variant), fixed("tap"), |m| m.cpu_us), "limit": 0.5,
+                    "per_round": paired(variant, "tap", cpu)}),
                 json!({"target": "P2", "what": format!("p99 latency, {name} / no-op Wasm (HTTP/1.1, 1 KiB, same offered load)"),
                     "value": ratio(fixed(variant), fixed("noop"), |m| m.p99_us), "limit": 1.10,
                     "a_a": ratio(fixed("noop-twin"), fixed("noop"), |m| m.p99_us),
+                    "per_round": paired(variant, "noop", p99), "per_round_a_a": paired("noop-twin", "noop", p99),
                     "all_requests": ratio(fixed(variant), fixed("noop"), |m| m.pooled_p99_us.unwrap_or(m.p99_us)),
                     "all_requests_a_a": ratio(fixed("noop-twin"), fixed("noop"), |m| m.pooled_p99_us.unwrap_or(m.p99_us))}),
             ]
@@ -1005,6 +1028,20 @@ pub fn run(options: &Options) -> Result<()> {
         context("a_a", "the same for a second Envoy with the no-op module (A/A: this run's resolution)");
         context("all_requests", "the same over all the rounds' requests together");
         context("all_requests_a_a", "and its A/A");
+        let spread = |key: &str, what: &str| {
+            if let Some([median, min, max]) =
+                t[key].as_array().and_then(|s| Some([s.first()?.as_f64()?, s.get(1)?.as_f64()?, s.get(2)?.as_f64()?]))
+            {
+                println!(
+                    "     {:<4} {:<86} {:>10}",
+                    "",
+                    format!("  (context) {what}, median of the rounds' own ratios ({min:.3}-{max:.3})"),
+                    format!("{median:.3}")
+                );
+            }
+        };
+        spread("per_round", "the same round by round");
+        spread("per_round_a_a", "and its A/A");
         if let Some([min, max]) = t["range"].as_array().and_then(|r| Some([r.first()?.as_f64()?, r.get(1)?.as_f64()?]))
         {
             println!(
@@ -1569,7 +1606,9 @@ pub fn which(program: &str) -> Result<PathBuf> {
 mod tests {
     use std::time::Duration;
 
-    use super::{least_stolen, measure_in_passes, round_order, steal_of, stolen_percent, Spread};
+    use super::{
+        least_stolen, measure_in_passes, per_round_ratio, round_order, steal_of, stolen_percent, Load, Run, Spread,
+    };
 
     #[test]
     fn steal_is_read_per_core_and_the_least_stolen_attempt_counts() {
@@ -1628,6 +1667,45 @@ mod tests {
                 .is_err(),
             "a failed measurement fails the part"
         );
+    }
+
+    #[test]
+    fn per_round_ratios_pair_each_round_kept_by_both_variants() {
+        let run = |variant: &str, round: usize, kept: bool, cpu: f64| Run {
+            size: "1KiB".to_owned(),
+            load: Load::OpenHttp1,
+            variant: variant.to_owned(),
+            round,
+            offered: Some(1000.0),
+            requests: 2000,
+            failed: 0,
+            requests_per_second: 1000.0,
+            p50_us: 100.0,
+            p99_us: 1000.0,
+            envoy_cpu_us_per_request: cpu,
+            steal_ms: [0.0, 0.0],
+            stolen_percent: 0.0,
+            attempt: 0,
+            kept,
+        };
+        // The machine slows down over the run: both variants' medians move, their pairs do not.
+        let runs = vec![
+            run("noop", 0, true, 50.0),
+            run("capture", 0, true, 60.0),
+            run("noop", 1, true, 100.0),
+            run("capture", 1, false, 500.0),
+            run("capture", 1, true, 110.0),
+            run("noop", 2, true, 200.0),
+            run("capture", 2, true, 260.0),
+            run("capture", 3, true, 900.0),
+            Run { size: "64KiB".to_owned(), ..run("noop", 3, true, 1.0) },
+        ];
+        let cpu = |r: &Run| r.envoy_cpu_us_per_request;
+        let spread = per_round_ratio(&runs, "1KiB", Load::OpenHttp1, "capture", "noop", cpu).unwrap();
+        // Rounds 0-2 pair (1.2, 1.1, 1.3); the unkept attempt, the unpaired round 3 and the other
+        // size do not count.
+        assert_eq!((spread.median, spread.min, spread.max), (1.2, 1.1, 1.3));
+        assert!(per_round_ratio(&runs, "1KiB", Load::Closed, "capture", "noop", cpu).is_none());
     }
 
     #[test]
